@@ -1,0 +1,61 @@
+//! [`AppError`]: every way `GET /` can fail, and the response each one gets.
+//!
+//! Bodies are short and fixed: the real cause is logged here, once, and never sent to the
+//! client (it may name hosts, ports or Redis internals).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+
+use crate::store::StoreError;
+
+/// A failed page view.
+#[derive(Debug)]
+pub enum AppError {
+    /// Redis is down, restarting, loading, read-only, full or too slow. Worth retrying soon.
+    Store(StoreError),
+    /// `GET /` came with a body: not a page view.
+    BodyNotAllowed,
+}
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, body) = match &self {
+            Self::Store(e @ StoreError::Unavailable(_)) => {
+                tracing::warn!(error = %e, "page view not counted (or not known to be)");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Service Unavailable: the hit counter cannot be reached. Try again in a moment.",
+                )
+            }
+            // Not a 503: waiting will not fix it, an operator must (see README, Operations).
+            Self::Store(e @ StoreError::Corrupt(_)) => {
+                tracing::error!(error = %e, "the hits key cannot be incremented");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "Internal Server Error: the hit counter is broken.",
+                )
+            }
+            Self::BodyNotAllowed => (
+                StatusCode::BAD_REQUEST,
+                "Bad Request: GET / must not carry a body.",
+            ),
+        };
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

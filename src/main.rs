@@ -1,0 +1,67 @@
+//! The `hit-counter` binary: `hit-counter` serves, `hit-counter healthcheck` checks `/livez`.
+//!
+//! Exit codes: 0 after a clean shutdown or a passing health check, 1 on a runtime failure or a
+//! failing health check, 2 on bad configuration or usage.
+
+use std::process::ExitCode;
+
+use hit_counter::{App, Config, healthcheck, shutdown_signal, telemetry};
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("hit-counter: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        [] => serve(config),
+        ["healthcheck"] => match healthcheck::check(config.port) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hit-counter: unhealthy: {e}");
+                ExitCode::from(1)
+            }
+        },
+        _ => {
+            eprintln!(
+                "usage: hit-counter [healthcheck]  (configuration comes from the environment; see README)"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    telemetry::init(config.log_format, &config.log_filter);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("hit-counter: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        match App::build(config).await {
+            Ok(app) => {
+                app.run_until_stopped(shutdown_signal()).await;
+                tracing::info!("stopped");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                ExitCode::from(1)
+            }
+        }
+    })
+}

@@ -1,0 +1,198 @@
+//! The router and its handlers, named after their routes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http_body::Body as _;
+
+use crate::error::AppError;
+use crate::metrics::Metrics;
+use crate::store::HitCounter;
+
+/// What every handler shares. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub counter: HitCounter,
+    pub metrics: Arc<Metrics>,
+    /// Set once shutdown begins, so `/readyz` turns 503 and load balancers move away.
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+/// What Flask sends for a string response, so a browser shows the same page.
+const HTML: HeaderValue = HeaderValue::from_static("text/html; charset=utf-8");
+const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+/// No proxy or browser may keep a copy: every view must reach the counter.
+const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+
+/// Access-log lines show at most this much of a path; scanners send very long ones.
+const LOGGED_PATH_MAX: usize = 200;
+
+/// The service's routes; the binary and the tests both use this.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(hello).head(hello_head))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(middleware::from_fn_with_state(state.clone(), access_log))
+        .with_state(state)
+}
+
+/// `GET /`: one `INCR hits`, and the visitor's number.
+async fn hello(State(state): State<AppState>, body: Body) -> Result<Response, AppError> {
+    // A browser's page view never carries a body. One that does is a scanner or a smuggling
+    // attempt (Content-Length plus Transfer-Encoding): refused without reading it, not counted.
+    if !body.is_end_stream() {
+        return Err(AppError::BodyNotAllowed);
+    }
+    let hits = state.counter.incr_hits().await?;
+    Ok(page(HTML, format!("Hello World! {hits} times.")))
+}
+
+/// `HEAD /`: the same headers as `GET /` for uptime monitors, without counting a view.
+async fn hello_head() -> Response {
+    let mut response = page(HTML, String::new());
+    // Without a count there is no length to announce, and `Content-Length: 0` would be wrong
+    // (RFC 9110 §8.6), so the body claims no length and none is sent.
+    *response.body_mut() = Body::new(UnknownLength);
+    response
+}
+
+/// An empty body that does not say it is empty.
+struct UnknownLength;
+
+impl http_body::Body for UnknownLength {
+    type Data = axum::body::Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        std::task::Poll::Ready(None)
+    }
+}
+
+/// `GET /livez`: the process runs. Never touches Redis, so a Redis outage does not get every
+/// replica restarted.
+async fn livez() -> Response {
+    page(TEXT, "ok".to_owned())
+}
+
+/// `GET /readyz`: Redis answers a PING in time, and shutdown has not begun.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let shutting_down = || state.shutting_down.load(Ordering::Relaxed);
+    if shutting_down() {
+        return unavailable("shutting down");
+    }
+    let ping = state.counter.ping().await;
+    // Shutdown may have begun while the PING was out; the answer must say so.
+    if shutting_down() {
+        return unavailable("shutting down");
+    }
+    match ping {
+        Ok(()) => page(TEXT, "ready".to_owned()),
+        Err(e) => {
+            tracing::warn!(error = %e, "readiness check failed");
+            unavailable("redis unavailable")
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus / OpenMetrics text. Scraping counts nothing.
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut response = state.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+async fn not_found() -> Response {
+    let mut response = page(TEXT, "Not Found".to_owned());
+    *response.status_mut() = StatusCode::NOT_FOUND;
+    response
+}
+
+/// A 200 with a fixed content type that no cache may keep.
+fn page(content_type: HeaderValue, body: String) -> Response {
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CACHE_CONTROL, NO_STORE);
+    response
+}
+
+fn unavailable(body: &'static str) -> Response {
+    let mut response = page(TEXT, body.to_owned());
+    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    response
+}
+
+/// One log line and one metrics sample per request.
+async fn access_log(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = match request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(MatchedPath::as_str)
+    {
+        Some("/") => "/",
+        Some("/livez") => "/livez",
+        Some("/readyz") => "/readyz",
+        Some("/metrics") => "/metrics",
+        _ => "other",
+    };
+    // Cheap clones: a standard method is inline and a URI shares its bytes.
+    let method = request.method().clone();
+    let uri = request.uri().clone();
+    let response = next.run(request).await;
+    let took = started.elapsed();
+    let status = response.status().as_u16();
+    state
+        .metrics
+        .request(route, method_label(&method), status, took);
+    tracing::info!(
+        method = %method,
+        path = truncated(uri.path()),
+        status,
+        latency_us = took.as_micros() as u64,
+        "request"
+    );
+    response
+}
+
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn truncated(path: &str) -> &str {
+    if path.len() <= LOGGED_PATH_MAX {
+        return path;
+    }
+    // Paths are ASCII once parsed, but stay safe on a char boundary anyway.
+    let mut end = LOGGED_PATH_MAX;
+    while !path.is_char_boundary(end) {
+        end -= 1;
+    }
+    &path[..end]
+}

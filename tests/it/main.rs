@@ -1,0 +1,9 @@
+//! The one integration-test binary: the real service over real HTTP against a real
+//! `redis-server` per test (see `common`).
+
+mod common;
+
+mod api;
+mod cli;
+mod redis_failures;
+mod shutdown;
