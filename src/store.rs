@@ -69,7 +69,9 @@ impl HitCounter {
         let client = Client::open(ConnectionAddr::Tcp(host.to_owned(), port))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
+            // The whole operation is bounded below, once; a second timer per command inside
+            // the connection would only cost time.
+            .set_response_timeout(None)
             // No background retry loop: a failed connect is retried by the next command that
             // needs it. Requests are bounded by `timeout` anyway, and an idle replica with a
             // dead Redis then costs no CPU at all.
