@@ -7,7 +7,7 @@ use std::time::Instant;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .layer(middleware::from_fn(require_host))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }
@@ -137,6 +138,24 @@ fn unavailable(body: &'static str) -> Response {
     let mut response = page(TEXT, body.to_owned());
     *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     response
+}
+
+/// RFC 9112 §3.2: an HTTP/1.1 request without exactly one `Host` header gets 400. hyper
+/// accepts such requests; a page view from something that broken is not counted. (HTTP/1.0
+/// predates `Host`, so it may omit it.)
+async fn require_host(request: Request, next: Next) -> Response {
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    let valid = match request.version() {
+        Version::HTTP_10 | Version::HTTP_09 => hosts <= 1,
+        _ => hosts == 1,
+    };
+    if valid {
+        next.run(request).await
+    } else {
+        let mut response = page(TEXT, "Bad Request: exactly one Host header is required".to_owned());
+        *response.status_mut() = StatusCode::BAD_REQUEST;
+        response
+    }
 }
 
 /// One log line and one metrics sample per request.

@@ -1,10 +1,9 @@
 //! The binary itself: configuration errors, the health check, log formats.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::common::{RedisServer, accepts, binary, free_port, signal};
+use crate::common::{RedisServer, ServiceProcess, binary, blocking_get, free_port};
 
 /// Runs the binary with `vars` and returns (exit code, stderr), failing if it does not exit.
 fn run_to_exit(vars: &[(&str, &str)], args: &[&str]) -> (i32, String, Duration) {
@@ -28,26 +27,6 @@ fn run_to_exit(vars: &[(&str, &str)], args: &[&str]) -> (i32, String, Duration) 
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// Starts the service binary on a free port and waits until it accepts connections.
-fn start_service(vars: &[(&str, &str)]) -> (Child, u16) {
-    let port = free_port();
-    let child = binary()
-        .env("PORT", port.to_string())
-        .envs(vars.iter().copied())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !accepts(port) {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the service did not start"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    (child, port)
 }
 
 #[test]
@@ -126,7 +105,8 @@ fn unknown_arguments_are_a_usage_error() {
 
 #[test]
 fn an_unresolvable_redis_host_does_not_stop_start_up() {
-    let (mut child, port) = start_service(&[("HOST_REDIS", "no-such-host.invalid")]);
+    let mut service = ServiceProcess::start(&[("HOST_REDIS", "no-such-host.invalid")]);
+    let port = service.port;
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     let (livez, readyz, page, took) = runtime.block_on(async {
@@ -148,8 +128,7 @@ fn an_unresolvable_redis_host_does_not_stop_start_up() {
         .await;
         (livez, readyz, page, started.elapsed())
     });
-    signal(child.id(), "TERM");
-    let status = child.wait().unwrap();
+    let status = service.terminate();
 
     assert_eq!(livez.status, 200);
     assert_eq!(readyz.status, 503);
@@ -160,12 +139,11 @@ fn an_unresolvable_redis_host_does_not_stop_start_up() {
 
 #[test]
 fn healthcheck_exits_0_against_a_running_service_and_1_against_a_closed_port() {
-    let (mut child, port) = start_service(&[("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", "1")]);
-    let port = port.to_string();
+    let mut service = ServiceProcess::start(&[("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", "1")]);
+    let port = service.port.to_string();
 
     let (healthy, _, _) = run_to_exit(&[("PORT", &port)], &["healthcheck"]);
-    signal(child.id(), "TERM");
-    child.wait().unwrap();
+    service.terminate();
     let (unhealthy, stderr, took) =
         run_to_exit(&[("PORT", &free_port().to_string())], &["healthcheck"]);
 
@@ -196,22 +174,18 @@ fn healthcheck_gives_up_after_two_seconds_on_a_silent_port() {
 #[test]
 fn json_logs_are_one_object_per_line_with_the_request_fields() {
     let redis = RedisServer::start();
-    let (mut child, port) = start_service(&[
+    let mut service = ServiceProcess::start(&[
         ("HOST_REDIS", "127.0.0.1"),
         ("PORT_REDIS", &redis.port.to_string()),
         ("LOG_FORMAT", "json"),
     ]);
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(crate::common::send(
-        port,
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-    ));
-    signal(child.id(), "TERM");
-    assert!(child.wait().unwrap().success());
+    assert_eq!(blocking_get(service.port, "/").unwrap().status, 200);
+    assert!(service.terminate().success());
 
-    let lines: Vec<serde_json::Value> = BufReader::new(child.stdout.take().unwrap())
+    let lines: Vec<serde_json::Value> = service
+        .log()
         .lines()
-        .map(|line| serde_json::from_str(&line.unwrap()).expect("every line is JSON"))
+        .map(|line| serde_json::from_str(line).expect("every line is JSON"))
         .collect();
     let startup: Vec<_> = lines
         .iter()

@@ -7,3 +7,4 @@ mod api;
 mod cli;
 mod redis_failures;
 mod shutdown;
+mod hostile;
