@@ -152,7 +152,10 @@ async fn require_host(request: Request, next: Next) -> Response {
     if valid {
         next.run(request).await
     } else {
-        let mut response = page(TEXT, "Bad Request: exactly one Host header is required".to_owned());
+        let mut response = page(
+            TEXT,
+            "Bad Request: exactly one Host header is required".to_owned(),
+        );
         *response.status_mut() = StatusCode::BAD_REQUEST;
         response
     }

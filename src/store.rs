@@ -118,12 +118,9 @@ impl HitCounter {
         let result = match tokio::time::timeout(inner.timeout, cmd.query_async(&mut manager)).await
         {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => {
-                if e.is_timeout() {
-                    self.replace(&current);
-                }
-                Err(classify(e))
-            }
+            // Connection errors (refused, reset, connect timeout) already make the manager
+            // reconnect; replacing it too would only open a second connection.
+            Ok(Err(e)) => Err(classify(e)),
             Err(_elapsed) => {
                 self.replace(&current);
                 Err(StoreError::Unavailable(format!(

@@ -125,7 +125,10 @@ impl Shared {
                     r#"{{"level":"WARN","message":"log output fell behind","dropped_lines":{dropped}}}"#
                 )
             } else {
-                writeln!(stdout, "WARN log output fell behind: {dropped} lines dropped")
+                writeln!(
+                    stdout,
+                    "WARN log output fell behind: {dropped} lines dropped"
+                )
             };
         }
         let _ = stdout.flush();

@@ -86,6 +86,36 @@ fn bad_configuration_stops_start_up_with_exit_2_and_one_clear_line() {
 }
 
 #[test]
+fn every_variable_rejects_empty_whitespace_and_out_of_range_values() {
+    let long_host = "h".repeat(254);
+    let cases: &[(&str, &[&str])] = &[
+        ("HOST_REDIS", &["", " ", " redis", "redis ", &long_host]),
+        ("PORT_REDIS", &["", " ", "6379 ", "0", "65536"]),
+        ("PORT", &["", " ", "\t5000", "0", "65536"]),
+        ("LOG_FORMAT", &["", " ", "text ", "Text"]),
+        ("RUST_LOG", &["", " ", "info,["]),
+        ("REDIS_TIMEOUT_MS", &["", " ", "0", "60001"]),
+        ("DRAIN_TIMEOUT_MS", &["", " ", "0", "600001"]),
+        ("HEADER_READ_TIMEOUT_MS", &["", " ", "0", "600001"]),
+        ("IDLE_TIMEOUT_MS", &["", " ", "0", "3600001"]),
+        ("MAX_CONNECTIONS", &["", " ", "0", "1000001"]),
+        ("MAX_HEADER_BYTES", &["", " ", "1023", "1048577"]),
+    ];
+    for (var, values) in cases {
+        for value in *values {
+            let (code, stderr, _) = run_to_exit(&[(var, value)], &[]);
+            assert_eq!(code, 2, "{var}={value:?}");
+            assert!(
+                stderr.starts_with(&format!("hit-counter: configuration error: {var}=")),
+                "{var}={value:?}: {stderr}"
+            );
+            assert_eq!(stderr.lines().count(), 1, "{var}={value:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
 fn a_bad_rust_log_is_a_configuration_error_too() {
     let (code, stderr, _) = run_to_exit(&[("RUST_LOG", "info,[")], &[]);
     assert_eq!(code, 2);

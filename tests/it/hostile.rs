@@ -87,7 +87,10 @@ async fn malformed_and_smuggled_requests_get_an_error_and_never_count() {
                 "{name}: got {}, expected one of {allowed:?}",
                 response.status
             ),
-            None => assert!(allowed.is_empty(), "{name}: the connection closed without an answer"),
+            None => assert!(
+                allowed.is_empty(),
+                "{name}: the connection closed without an answer"
+            ),
         }
     }
 
@@ -107,7 +110,11 @@ async fn the_documented_edge_cases_count_as_page_views() {
     }
     let many_params: String = (0..1500).map(|i| format!("a{i}=1&")).collect();
     let raw = format!("GET /?{many_params} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    assert_eq!(send(app.port, raw.as_bytes()).await.status, 200, "1500 query parameters");
+    assert_eq!(
+        send(app.port, raw.as_bytes()).await.status,
+        200,
+        "1500 query parameters"
+    );
 
     assert_eq!(redis.hits(), Some(PAGE_VIEWS.len() as i64 + 1));
 }
@@ -117,29 +124,43 @@ async fn request_heads_over_the_limit_get_431() {
     let redis = RedisServer::start();
     let app = spawn_app(redis.port).await; // MAX_HEADER_BYTES=16384
 
-    let big_header = format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(20_000));
+    let big_header = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
     let long_path = format!("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", "a".repeat(20_000));
     let many: String = (0..150).map(|i| format!("X-{i}: 1\r\n")).collect();
     let many_headers = format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n");
-    let fits = format!("GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", "a".repeat(15_000));
+    let fits = format!(
+        "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(15_000)
+    );
 
     for raw in [&big_header, &long_path, &many_headers] {
         assert_eq!(send(app.port, raw.as_bytes()).await.status, 431);
     }
-    assert_eq!(send(app.port, fits.as_bytes()).await.status, 404, "a 15 KB path is within the limit");
+    assert_eq!(
+        send(app.port, fits.as_bytes()).await.status,
+        404,
+        "a 15 KB path is within the limit"
+    );
     assert_eq!(redis.hits(), None);
 }
 
 #[test]
 fn a_huge_or_endless_body_on_get_root_is_refused_without_being_read() {
     let redis = RedisServer::start();
-    let service = ServiceProcess::start(&[("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", &redis.port.to_string())]);
+    let service = ServiceProcess::start(&[
+        ("HOST_REDIS", "127.0.0.1"),
+        ("PORT_REDIS", &redis.port.to_string()),
+    ]);
 
     // Announces 10 GB; the answer must come without the body being sent.
     let started = Instant::now();
     let mut huge = TcpStream::connect(("127.0.0.1", service.port)).unwrap();
     huge.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    huge.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\nabc").unwrap();
+    huge.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000000\r\n\r\nabc")
+        .unwrap();
     let mut answer = Vec::new();
     let _ = huge.read_to_end(&mut answer);
     assert_eq!(parse(&answer).expect("an answer").status, 400);
@@ -152,7 +173,8 @@ fn a_huge_or_endless_body_on_get_root_is_refused_without_being_read() {
     let feeder = {
         let sent = sent.clone();
         std::thread::spawn(move || {
-            let _ = writer.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
+            let _ = writer
+                .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n");
             let chunk = format!("{:x}\r\n{}\r\n", 4096, "x".repeat(4096));
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(5) {
@@ -164,7 +186,9 @@ fn a_huge_or_endless_body_on_get_root_is_refused_without_being_read() {
         })
     };
     let mut reader = endless;
-    reader.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    reader
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut head = [0u8; 512];
     let n = reader.read(&mut head).unwrap();
     assert_eq!(parse(&head[..n]).expect("an answer").status, 400);
@@ -187,7 +211,8 @@ async fn a_slowloris_client_is_cut_off_after_the_header_read_timeout() {
     let closed_after = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let started = Instant::now();
-        let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let head =
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
         for byte in head.iter().cycle() {
             if stream.write_all(&[*byte]).is_err() || started.elapsed() > Duration::from_secs(5) {
                 break;
@@ -208,7 +233,12 @@ async fn a_slowloris_client_is_cut_off_after_the_header_read_timeout() {
 
 /// `http_connections_open` as the service reports it (the scrape's own connection included).
 async fn open_connections(port: u16) -> i64 {
-    let metrics = send(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.body();
+    let metrics = send(
+        port,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .body();
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("http_connections_open "))
@@ -227,15 +257,21 @@ async fn idle_connections_and_clients_that_stop_reading_are_closed_after_the_idl
     // Silent from the start, and silent after one keep-alive request.
     let silent = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
         let started = Instant::now();
         let n = stream.read(&mut [0u8; 16]).unwrap_or(0);
         (n, started.elapsed())
     });
     let keep_alive = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        stream.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        stream
+            .write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut buf = [0u8; 1024];
         let n = stream.read(&mut buf).unwrap();
         assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
@@ -245,7 +281,10 @@ async fn idle_connections_and_clients_that_stop_reading_are_closed_after_the_idl
     });
     for (n, after) in [silent.await.unwrap(), keep_alive.await.unwrap()] {
         assert_eq!(n, 0, "expected the server to close the connection");
-        assert!(after >= Duration::from_millis(400) && after < Duration::from_millis(1500), "closed after {after:?}");
+        assert!(
+            after >= Duration::from_millis(400) && after < Duration::from_millis(1500),
+            "closed after {after:?}"
+        );
     }
 
     // A client that pipelines requests for big responses and never reads them: the server's
@@ -255,24 +294,40 @@ async fn idle_connections_and_clients_that_stop_reading_are_closed_after_the_idl
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            stream.set_write_timeout(Some(Duration::from_millis(200))).unwrap();
+            stream
+                .set_write_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
             let request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
             while !stop.load(Ordering::Relaxed) {
-                if let Err(e) = stream.write_all(request) {
-                    if e.kind() != std::io::ErrorKind::WouldBlock && e.kind() != std::io::ErrorKind::TimedOut {
-                        return true; // the server hung up
-                    }
+                let stalled = |e: &std::io::Error| {
+                    matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    )
+                };
+                match stream.write_all(request) {
+                    Err(e) if !stalled(&e) => return true, // the server hung up
+                    _ => {}
                 }
             }
             false
         })
     };
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(open_connections(port).await >= 2, "the non-reading client is connected");
-    let dropped = crate::common::eventually(Duration::from_secs(5), async || open_connections(port).await == 1).await;
+    assert!(
+        open_connections(port).await >= 2,
+        "the non-reading client is connected"
+    );
+    let dropped = crate::common::eventually(Duration::from_secs(5), async || {
+        open_connections(port).await == 1
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-    assert!(dropped.is_some(), "the non-reading client was never disconnected");
+    assert!(
+        dropped.is_some(),
+        "the non-reading client was never disconnected"
+    );
 }
 
 #[test]
@@ -291,7 +346,8 @@ fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
     let mut slow: Vec<TcpStream> = (0..SLOW)
         .map(|_| {
             let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .unwrap();
             s
         })
         .collect();
@@ -318,7 +374,11 @@ fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
     println!("p99 of {NORMAL} normal requests beside {SLOW} slowloris connections: {p99:?}");
     assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
     assert_eq!(numbers, (1..=NORMAL as i64).collect());
-    assert_eq!(redis.hits(), Some(NORMAL as i64), "no slowloris request counted");
+    assert_eq!(
+        redis.hits(),
+        Some(NORMAL as i64),
+        "no slowloris request counted"
+    );
 }
 
 #[tokio::test]
@@ -338,14 +398,21 @@ async fn beyond_max_connections_new_clients_get_a_fast_503() {
         .collect();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
-    let shed = send(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+    let shed = send(
+        port,
+        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
     let took = started.elapsed();
     drop(held);
 
     assert_eq!(shed.status, 503);
     assert_eq!(shed.header("retry-after"), Some("1"));
     assert!(took < Duration::from_millis(200), "took {took:?}");
-    let served = crate::common::eventually(Duration::from_secs(2), async || app.get("/").await.status == 200).await;
+    let served = crate::common::eventually(Duration::from_secs(2), async || {
+        app.get("/").await.status == 200
+    })
+    .await;
     assert!(served.is_some(), "capacity never came back");
     assert_eq!(redis.hits(), Some(1), "the shed request did not count");
 }
@@ -355,7 +422,10 @@ fn a_storm_of_connection_close_requests_counts_exactly() {
     const THREADS: usize = 16;
     const EACH: usize = 200;
     let redis = RedisServer::start();
-    let service = ServiceProcess::start(&[("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", &redis.port.to_string())]);
+    let service = ServiceProcess::start(&[
+        ("HOST_REDIS", "127.0.0.1"),
+        ("PORT_REDIS", &redis.port.to_string()),
+    ]);
     let port = service.port;
 
     let threads: Vec<_> = (0..THREADS)
@@ -367,7 +437,10 @@ fn a_storm_of_connection_close_requests_counts_exactly() {
             })
         })
         .collect();
-    let numbers: BTreeSet<i64> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let numbers: BTreeSet<i64> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
 
     let total = (THREADS * EACH) as i64;
     assert_eq!(numbers, (1..=total).collect());
@@ -380,18 +453,47 @@ fn a_storm_of_connection_close_requests_counts_exactly() {
 /// wait for an answer (a truncated request gets none: the client hangs up instead).
 fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
     let request = match rng.below(13) {
-        0 => (0..1 + rng.below(200)).map(|_| rng.below(256) as u8).chain(*b"\r\n\r\n").collect(),
+        0 => (0..1 + rng.below(200))
+            .map(|_| rng.below(256) as u8)
+            .chain(*b"\r\n\r\n")
+            .collect(),
         1 => {
-            let method = rng.pick(&["POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS", "BREW", "get", "G3T"]);
+            let method = rng.pick(&[
+                "POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS", "BREW", "get", "G3T",
+            ]);
             format!("{method} / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").into_bytes()
         }
-        2 => format!("GET /p{} HTTP/1.1\r\nHost: x\r\n\r\n", ascii(rng, 1, 60).replace(['?', '#'], "")).into_bytes(),
-        3 => format!("GET / HTTP/1.1\r\nHost: x\r\nBad{}\r\n\r\n", ascii(rng, 0, 40).replace(':', "")).into_bytes(),
-        4 => format!("GET / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{}", 1 + rng.below(64), ascii(rng, 10, 10)).into_bytes(),
-        5 => b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n".to_vec(),
+        2 => format!(
+            "GET /p{} HTTP/1.1\r\nHost: x\r\n\r\n",
+            ascii(rng, 1, 60).replace(['?', '#'], "")
+        )
+        .into_bytes(),
+        3 => format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nBad{}\r\n\r\n",
+            ascii(rng, 0, 40).replace(':', "")
+        )
+        .into_bytes(),
+        4 => format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{}",
+            1 + rng.below(64),
+            ascii(rng, 10, 10)
+        )
+        .into_bytes(),
+        5 => {
+            b"GET / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"
+                .to_vec()
+        }
         6 => b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n".to_vec(),
-        7 => format!("GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n", "a".repeat(17_000 + rng.below(20_000) as usize)).into_bytes(),
-        8 => format!("GET / {}\r\nHost: x\r\n\r\n", rng.pick(&["HTTP/2.0", "HTTP/1.2", "HTTX/1.1", "HTTP/1", "http/1.1"])).into_bytes(),
+        7 => format!(
+            "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
+            "a".repeat(17_000 + rng.below(20_000) as usize)
+        )
+        .into_bytes(),
+        8 => format!(
+            "GET / {}\r\nHost: x\r\n\r\n",
+            rng.pick(&["HTTP/2.0", "HTTP/1.2", "HTTX/1.1", "HTTP/1", "http/1.1"])
+        )
+        .into_bytes(),
         9 => {
             // A control character somewhere in the line or the Host header. Never in place of
             // CR or LF, and never tab (both would still make a valid request).
@@ -416,10 +518,16 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
             return (full[..cut].to_vec(), false);
         }
         11 => {
-            let many: String = (0..101 + rng.below(100)).map(|i| format!("X-{i}: 1\r\n")).collect();
+            let many: String = (0..101 + rng.below(100))
+                .map(|i| format!("X-{i}: 1\r\n"))
+                .collect();
             format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").into_bytes()
         }
-        _ => format!("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{}", ascii(rng, 3, 3)).into_bytes(),
+        _ => format!(
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\n{}",
+            ascii(rng, 3, 3)
+        )
+        .into_bytes(),
     };
     (request, true)
 }
@@ -427,7 +535,9 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
 /// Printable ASCII, `min..=max` characters.
 fn ascii(rng: &mut Rng, min: u64, max: u64) -> String {
     let n = min + rng.below(max - min + 1);
-    (0..n).map(|_| (b'!' + rng.below(94) as u8) as char).collect()
+    (0..n)
+        .map(|_| (b'!' + rng.below(94) as u8) as char)
+        .collect()
 }
 
 /// Sends one request and reads until the answer's head (or the connection's end); never waits
@@ -473,7 +583,10 @@ fn ten_thousand_generated_bad_requests_and_a_slowloris_batch_change_nothing() {
         let (max_rss, done, pid) = (max_rss.clone(), done.clone(), service.pid());
         std::thread::spawn(move || {
             while !done.load(Ordering::Relaxed) {
-                max_rss.fetch_max(crate::common::proc_status_kb(pid, "VmRSS"), Ordering::Relaxed);
+                max_rss.fetch_max(
+                    crate::common::proc_status_kb(pid, "VmRSS"),
+                    Ordering::Relaxed,
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         })
@@ -490,13 +603,19 @@ fn ten_thousand_generated_bad_requests_and_a_slowloris_batch_change_nothing() {
         let mut open = conns.len();
         while open > 0 && started.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_secs(1));
-            open = conns.iter_mut().map(|c| c.write_all(b"X").is_ok()).filter(|ok| *ok).count();
+            open = conns
+                .iter_mut()
+                .map(|c| c.write_all(b"X").is_ok())
+                .filter(|ok| *ok)
+                .count();
         }
         (open, started.elapsed())
     });
 
     let good = Arc::new(Mutex::new(Vec::new()));
-    let statuses = Arc::new(Mutex::new(std::collections::BTreeMap::<Option<u16>, usize>::new()));
+    let statuses = Arc::new(Mutex::new(
+        std::collections::BTreeMap::<Option<u16>, usize>::new(),
+    ));
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
             let (good, statuses) = (good.clone(), statuses.clone());
@@ -506,13 +625,21 @@ fn ten_thousand_generated_bad_requests_and_a_slowloris_batch_change_nothing() {
                     assert!(Instant::now() < deadline, "the test ran out of time");
                     let (request, expect_answer) = bad_request(&mut rng);
                     let status = fire(port, &request, expect_answer);
-                    assert_ne!(status, Some(200), "a bad request was served as a page: {:?}", String::from_utf8_lossy(&request));
+                    assert_ne!(
+                        status,
+                        Some(200),
+                        "a bad request was served as a page: {:?}",
+                        String::from_utf8_lossy(&request)
+                    );
                     *statuses.lock().unwrap().entry(status).or_default() += 1;
                     if i % GOOD_EVERY == 0 {
                         let started = Instant::now();
-                        let response = blocking_get(port, "/").expect("a good request got no answer");
+                        let response =
+                            blocking_get(port, "/").expect("a good request got no answer");
                         assert_eq!(response.status, 200, "a good request failed");
-                        good.lock().unwrap().push((response.hits(), started.elapsed()));
+                        good.lock()
+                            .unwrap()
+                            .push((response.hits(), started.elapsed()));
                     }
                 }
             })
@@ -538,9 +665,20 @@ fn ten_thousand_generated_bad_requests_and_a_slowloris_batch_change_nothing() {
         rss_before as f64 / 1024.0,
     );
     assert!(service.is_running(), "the service died");
-    assert_eq!(still_open, 0, "slowloris connections outlived the header timeout");
-    assert_eq!(numbers.len(), good.len(), "two good requests saw the same number");
-    assert_eq!(redis.hits(), Some(good.len() as i64), "a bad request was counted");
+    assert_eq!(
+        still_open, 0,
+        "slowloris connections outlived the header timeout"
+    );
+    assert_eq!(
+        numbers.len(),
+        good.len(),
+        "two good requests saw the same number"
+    );
+    assert_eq!(
+        redis.hits(),
+        Some(good.len() as i64),
+        "a bad request was counted"
+    );
     assert!(max_rss_mb < 30.0, "RSS reached {max_rss_mb:.1} MB");
     assert_eq!(blocking_get(port, "/livez").map(|r| r.status), Some(200));
     assert!(service.terminate().success());

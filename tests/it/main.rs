@@ -5,6 +5,7 @@ mod common;
 
 mod api;
 mod cli;
+mod hostile;
+mod misbehaving_redis;
 mod redis_failures;
 mod shutdown;
-mod hostile;

@@ -80,8 +80,37 @@ impl RedisServer {
         self.dir.path().join("redis.log")
     }
 
-    /// (Re)starts the server on the same port, with the same data directory.
+    /// (Re)starts the server on the same port, with the same data directory, and waits until
+    /// it answers PING.
     pub fn restart(&mut self) {
+        self.spawn();
+        let started = Instant::now();
+        while !self.ping() {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "redis-server did not start on port {}",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Restarts with `extra` arguments replacing the previous ones, and returns as soon as the
+    /// port accepts connections (Redis may still be loading its data).
+    pub fn restart_unready(&mut self, extra: &[&str]) {
+        self.extra = extra.iter().map(|s| s.to_string()).collect();
+        self.spawn();
+        let started = Instant::now();
+        while !accepts(self.port) {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
@@ -97,15 +126,6 @@ impl RedisServer {
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it on Debian)");
         self.child = Some(child);
-        let started = Instant::now();
-        while !self.ping() {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "redis-server did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 
     fn ping(&self) -> bool {
@@ -364,7 +384,10 @@ impl ServiceProcess {
         let service = Self { port, child, log };
         let started = Instant::now();
         while !accepts(port) {
-            assert!(started.elapsed() < Duration::from_secs(5), "the service did not start");
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the service did not start"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
         service
@@ -459,7 +482,9 @@ impl Rng {
 pub fn blocking_get(port: u16, path: &str) -> Option<Response> {
     use std::io::{Read, Write};
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).ok()?;
     let mut bytes = Vec::new();
