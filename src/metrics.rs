@@ -37,6 +37,11 @@ struct ErrorLabels {
     kind: &'static str,
 }
 
+/// `redis_errors_total{kind=...}`: Redis unreachable, too slow, or in a state it leaves by itself.
+pub const UNAVAILABLE: &str = "unavailable";
+/// `redis_errors_total{kind=...}`: the hits key cannot be incremented.
+pub const CORRUPT: &str = "corrupt";
+
 /// Every metric the service exports.
 pub struct Metrics {
     registry: Registry,
@@ -110,6 +115,14 @@ impl Default for Metrics {
             "Build information",
             Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
         );
+        // Series that exist from the start, at zero, so dashboards and alerts see them before
+        // the first failure rather than "no data".
+        for command in ["INCR", "PING"] {
+            redis_duration.get_or_create(&CommandLabels { command });
+        }
+        for kind in [UNAVAILABLE, CORRUPT] {
+            redis_errors.get_or_create(&ErrorLabels { kind });
+        }
         Self {
             registry,
             requests,
@@ -155,7 +168,7 @@ impl Metrics {
             Some(kind) => {
                 self.redis_errors.get_or_create(&ErrorLabels { kind }).inc();
                 // A corrupt counter means Redis answered: it is up.
-                self.redis_up.set(i64::from(kind != "unavailable"));
+                self.redis_up.set(i64::from(kind != UNAVAILABLE));
             }
         }
     }

@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, RedisError};
 
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 
 /// The Redis key that holds the count, as in the original.
 pub const HITS_KEY: &str = "hits";
@@ -130,8 +130,8 @@ impl HitCounter {
             }
         };
         let error_kind = result.as_ref().err().map(|e| match e {
-            StoreError::Unavailable(_) => "unavailable",
-            StoreError::Corrupt(_) => "corrupt",
+            StoreError::Unavailable(_) => metrics::UNAVAILABLE,
+            StoreError::Corrupt(_) => metrics::CORRUPT,
         });
         inner
             .metrics

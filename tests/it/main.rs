@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod cli;
 mod hostile;
+mod metrics;
 mod misbehaving_redis;
 mod redis_failures;
 mod shutdown;

@@ -1,0 +1,140 @@
+//! `GET /metrics`: names, types, and counters that move with real traffic and real failures.
+
+use crate::common::{RedisServer, spawn_app};
+
+/// The value of the sample whose line starts with `series` (name and labels, exactly).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_export_every_family_and_scraping_counts_nothing() {
+    let redis = RedisServer::start();
+    let app = spawn_app(redis.port).await;
+
+    let first = app.get("/metrics").await;
+    let metrics = app.get("/metrics").await.body();
+
+    assert_eq!(first.status, 200);
+    assert!(
+        first
+            .header("content-type")
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        first.header("content-type")
+    );
+    for (name, kind) in [
+        ("http_requests", "counter"),
+        ("http_request_duration_seconds", "histogram"),
+        ("redis_command_duration_seconds", "histogram"),
+        ("redis_errors", "counter"),
+        ("redis_up", "gauge"),
+        ("http_connections_open", "gauge"),
+        ("http_connections_rejected", "counter"),
+        ("hit_counter_build", "info"),
+    ] {
+        assert!(
+            metrics.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} ({kind}) missing:\n{metrics}"
+        );
+    }
+    let version = format!(
+        "hit_counter_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(&metrics, &version), Some(1.0));
+    assert!(metrics.ends_with("# EOF\n"));
+    assert_eq!(redis.hits(), None, "scraping is not a page view");
+}
+
+#[tokio::test]
+async fn counters_move_with_page_views_and_redis_failures() {
+    let mut redis = RedisServer::start();
+    let app = spawn_app(redis.port).await;
+
+    for _ in 0..3 {
+        app.get("/").await;
+    }
+    app.request("HEAD", "/").await;
+    app.get("/nope").await;
+    let up = app.get("/metrics").await.body();
+    redis.kill();
+    app.get("/").await;
+    let down = app.get("/metrics").await.body();
+    redis.restart();
+    // The first command after the restart may find the old connection dead (one more 503).
+    let recovered = crate::common::eventually(std::time::Duration::from_secs(2), async || {
+        app.get("/").await.status == 200
+    })
+    .await;
+    assert!(recovered.is_some());
+    let back = app.get("/metrics").await.body();
+
+    let ok = r#"http_requests_total{route="/",method="GET",status="200"}"#;
+    assert_eq!(sample(&up, ok), Some(3.0));
+    assert_eq!(
+        sample(
+            &up,
+            r#"http_requests_total{route="/",method="HEAD",status="200"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(
+            &up,
+            r#"http_requests_total{route="other",method="GET",status="404"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&up, r#"http_request_duration_seconds_count{route="/"}"#),
+        Some(4.0)
+    );
+    assert_eq!(
+        sample(
+            &up,
+            r#"redis_command_duration_seconds_count{command="INCR"}"#
+        ),
+        Some(3.0)
+    );
+    assert_eq!(sample(&up, "redis_up"), Some(1.0));
+
+    assert_eq!(
+        sample(
+            &down,
+            r#"http_requests_total{route="/",method="GET",status="503"}"#
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&down, r#"redis_errors_total{kind="unavailable"}"#),
+        Some(1.0)
+    );
+    assert_eq!(sample(&down, "redis_up"), Some(0.0));
+
+    assert_eq!(sample(&back, ok), Some(4.0));
+    assert_eq!(
+        sample(
+            &back,
+            r#"http_requests_total{route="/",method="GET",status="503"}"#
+        ),
+        sample(&back, r#"redis_errors_total{kind="unavailable"}"#),
+    );
+    assert_eq!(sample(&back, "redis_up"), Some(1.0));
+    let incr_after = sample(
+        &back,
+        r#"redis_command_duration_seconds_count{command="INCR"}"#,
+    )
+    .unwrap();
+    let errors_after = sample(&back, r#"redis_errors_total{kind="unavailable"}"#).unwrap();
+    let ok_after = sample(&back, ok).unwrap();
+    assert_eq!(
+        incr_after,
+        ok_after + errors_after,
+        "every INCR is timed, failed or not"
+    );
+}
