@@ -118,10 +118,10 @@ impl Default for Metrics {
         // Series that exist from the start, at zero, so dashboards and alerts see them before
         // the first failure rather than "no data".
         for command in ["INCR", "PING"] {
-            redis_duration.get_or_create(&CommandLabels { command });
+            drop(redis_duration.get_or_create(&CommandLabels { command }));
         }
         for kind in [UNAVAILABLE, CORRUPT] {
-            redis_errors.get_or_create(&ErrorLabels { kind });
+            drop(redis_errors.get_or_create(&ErrorLabels { kind }));
         }
         Self {
             registry,
