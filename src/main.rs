@@ -5,6 +5,12 @@
 
 use std::process::ExitCode;
 
+// musl's own allocator halves the throughput of the static build, and glibc's keeps more
+// memory after a burst (README, Performance). mimalloc is built without transparent huge
+// pages: with them, the idle process held 8 MB instead of under 3.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use hit_counter::{App, Config, healthcheck, shutdown_signal, telemetry};
 
 fn main() -> ExitCode {

@@ -4,14 +4,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Version, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use axum::{Json, Router};
 use http_body::Body as _;
+use serde::Serialize;
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
@@ -89,24 +90,49 @@ async fn livez() -> Response {
     page(TEXT, "ok".to_owned())
 }
 
-/// `GET /readyz`: Redis answers a PING in time, and shutdown has not begun.
+/// `GET /readyz`: Redis answers a PING in time, and shutdown has not begun. The JSON body
+/// says why not, for the person reading a probe failure.
 async fn readyz(State(state): State<AppState>) -> Response {
     let shutting_down = || state.shutting_down.load(Ordering::Relaxed);
     if shutting_down() {
-        return unavailable("shutting down");
+        return readiness(Some("shutting down"));
     }
     let ping = state.counter.ping().await;
     // Shutdown may have begun while the PING was out; the answer must say so.
     if shutting_down() {
-        return unavailable("shutting down");
+        return readiness(Some("shutting down"));
     }
     match ping {
-        Ok(()) => page(TEXT, "ready".to_owned()),
+        Ok(()) => readiness(None),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");
-            unavailable("redis unavailable")
+            readiness(Some("redis unavailable"))
         }
     }
+}
+
+/// The `/readyz` body: `{"status":"ready"}`, or `{"status":"unavailable","reason":...}`.
+#[derive(Serialize)]
+struct Readiness {
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+}
+
+fn readiness(unavailable_because: Option<&'static str>) -> Response {
+    let (status, body) = match unavailable_because {
+        None => (StatusCode::OK, "ready"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+    };
+    let body = Readiness {
+        status: body,
+        reason: unavailable_because,
+    };
+    let mut response = (status, Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, NO_STORE);
+    response
 }
 
 /// `GET /metrics`: Prometheus / OpenMetrics text. Scraping counts nothing.
@@ -131,12 +157,6 @@ fn page(content_type: HeaderValue, body: String) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CACHE_CONTROL, NO_STORE);
-    response
-}
-
-fn unavailable(body: &'static str) -> Response {
-    let mut response = page(TEXT, body.to_owned());
-    *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
     response
 }
 

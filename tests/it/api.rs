@@ -136,6 +136,9 @@ async fn livez_and_readyz_answer_ok_when_redis_is_up() {
     let readyz = app.get("/readyz").await;
 
     assert_eq!((livez.status, livez.body().as_str()), (200, "ok"));
-    assert_eq!((readyz.status, readyz.body().as_str()), (200, "ready"));
+    assert_eq!(
+        (readyz.status, readyz.body().as_str()),
+        (200, r#"{"status":"ready"}"#)
+    );
     assert_eq!(livez.header("cache-control"), Some("no-store"));
 }

@@ -9,4 +9,5 @@ mod hostile;
 mod metrics;
 mod misbehaving_redis;
 mod redis_failures;
+mod scale_out;
 mod shutdown;

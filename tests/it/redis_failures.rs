@@ -40,7 +40,10 @@ async fn redis_killed_gives_a_fast_503_while_livez_stays_up() {
     let readyz = app.get("/readyz").await;
     assert_eq!(
         (readyz.status, readyz.body().as_str()),
-        (503, "redis unavailable")
+        (
+            503,
+            r#"{"status":"unavailable","reason":"redis unavailable"}"#
+        )
     );
 }
 

@@ -106,7 +106,7 @@ async fn readiness_turns_503_as_soon_as_shutdown_begins() {
         .unwrap();
     assert_eq!(
         (response.status, response.body().as_str()),
-        (503, "shutting down")
+        (503, r#"{"status":"unavailable","reason":"shutting down"}"#)
     );
     assert!(!accepts(port), "the listener is closed");
 }

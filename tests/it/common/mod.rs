@@ -352,9 +352,12 @@ pub fn accepts(port: u16) -> bool {
     TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
-/// The release or debug `hit-counter` binary cargo built for these tests.
+/// The `hit-counter` binary under test: the one cargo built for these tests, or the one
+/// `HIT_COUNTER_BIN` names (CI points it at the static musl build the image ships).
 pub fn binary() -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hit-counter"));
+    let path = std::env::var_os("HIT_COUNTER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_hit-counter").into());
+    let mut command = Command::new(path);
     command
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
