@@ -18,6 +18,16 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    /// The value as `LOG_FORMAT` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
 /// The whole configuration of one process.
 #[derive(Clone, Debug)]
 pub struct Config {

@@ -64,7 +64,7 @@ impl App {
         tracing::info!(
             port,
             redis = %format_args!("{}:{}", config.redis_host, config.redis_port),
-            log_format = ?config.log_format,
+            log_format = config.log_format.as_str(),
             log_filter = %config.log_filter,
             redis_timeout_ms = config.redis_timeout.as_millis() as u64,
             drain_timeout_ms = config.drain_timeout.as_millis() as u64,

@@ -151,22 +151,29 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Records one Redis command; `error` is `None` on success.
-    pub fn redis_command(
+    /// Records `count` Redis commands sent together (a pipeline) that took `took`; `error` is
+    /// `None` on success.
+    pub fn redis_commands(
         &self,
         command: &'static str,
+        count: u64,
         took: Duration,
         error: Option<&'static str>,
     ) {
-        self.redis_duration
-            .get_or_create(&CommandLabels { command })
-            .observe(took.as_secs_f64());
+        let histogram = self
+            .redis_duration
+            .get_or_create(&CommandLabels { command });
+        for _ in 0..count {
+            histogram.observe(took.as_secs_f64());
+        }
         match error {
             None => {
                 self.redis_up.set(1);
             }
             Some(kind) => {
-                self.redis_errors.get_or_create(&ErrorLabels { kind }).inc();
+                self.redis_errors
+                    .get_or_create(&ErrorLabels { kind })
+                    .inc_by(count);
                 // A corrupt counter means Redis answered: it is up.
                 self.redis_up.set(i64::from(kind != UNAVAILABLE));
             }

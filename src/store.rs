@@ -1,7 +1,10 @@
 //! [`HitCounter`]: the only place that speaks Redis.
 //!
 //! One multiplexed connection (a `redis::aio::ConnectionManager`) carries every request's
-//! command; concurrent commands are pipelined on it automatically. Every operation is bounded by
+//! command. Page views that arrive together are sent together: each one still gets its own
+//! `INCR hits` and its own reply, but the `INCR`s that are waiting when the batcher runs go out
+//! as one pipeline, so the connection's per-call work (and its timer) is paid once per batch
+//! instead of once per request (README, Performance). Every batch is bounded by
 //! `REDIS_TIMEOUT_MS`, connecting included, so a dead or hung Redis costs a request at most that.
 //!
 //! The manager reconnects by itself when the socket breaks, but not when Redis merely stops
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, RedisError};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::metrics::{self, Metrics};
 
@@ -22,7 +26,7 @@ use crate::metrics::{self, Metrics};
 pub const HITS_KEY: &str = "hits";
 
 /// Why a Redis operation failed, as far as a caller needs to know.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub enum StoreError {
     /// Redis is unreachable, restarting, loading, read-only, out of memory or too slow: it may
     /// work again in a moment.
@@ -44,22 +48,28 @@ impl std::fmt::Display for StoreError {
 /// Counts hits in Redis. Cheap to clone: clones share one connection.
 #[derive(Clone)]
 pub struct HitCounter {
-    inner: Arc<Inner>,
+    redis: Arc<Redis>,
+    /// Page views waiting for their `INCR`; the batcher task owns the other end.
+    waiting: mpsc::UnboundedSender<Reply>,
 }
 
-struct Inner {
+/// Where one page view's count goes.
+type Reply = oneshot::Sender<Result<i64, StoreError>>;
+
+/// Most `INCR`s in one pipeline; more waiting page views go in the next one.
+const MAX_BATCH: usize = 512;
+
+struct Redis {
     client: Client,
     manager_config: ConnectionManagerConfig,
     manager: ArcSwap<ConnectionManager>,
     timeout: Duration,
-    incr: redis::Cmd,
-    ping: redis::Cmd,
     metrics: Arc<Metrics>,
 }
 
 impl HitCounter {
     /// Prepares a connection to `host:port` without connecting: the service must start (and
-    /// answer `/livez`) while Redis is still down.
+    /// answer `/livez`) while Redis is still down. Must be called inside the Tokio runtime.
     pub fn new(
         host: &str,
         port: u16,
@@ -69,7 +79,7 @@ impl HitCounter {
         let client = Client::open(ConnectionAddr::Tcp(host.to_owned(), port))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
-            // The whole operation is bounded below, once; a second timer per command inside
+            // The whole batch is bounded below, once; a second timer per command inside
             // the connection would only cost time.
             .set_response_timeout(None)
             // No background retry loop: a failed connect is retried by the next command that
@@ -78,44 +88,82 @@ impl HitCounter {
             .set_number_of_retries(0);
         let manager =
             ConnectionManager::new_lazy_with_config(client.clone(), manager_config.clone())?;
-        let mut incr = redis::cmd("INCR");
-        incr.arg(HITS_KEY);
-        Ok(Self {
-            inner: Arc::new(Inner {
-                client,
-                manager_config,
-                manager: ArcSwap::from_pointee(manager),
-                timeout,
-                incr,
-                ping: redis::cmd("PING"),
-                metrics,
-            }),
-        })
+        let redis = Arc::new(Redis {
+            client,
+            manager_config,
+            manager: ArcSwap::from_pointee(manager),
+            timeout,
+            metrics,
+        });
+        let (waiting, queue) = mpsc::unbounded_channel();
+        tokio::spawn(send_in_batches(redis.clone(), queue));
+        Ok(Self { redis, waiting })
     }
 
     /// One `INCR hits`; the reply is this visitor's number. Never retried: an INCR that timed
     /// out may still have reached Redis, and sending it again could count the visit twice.
     pub async fn incr_hits(&self) -> Result<i64, StoreError> {
-        self.query("INCR", &self.inner.incr).await
+        let (reply, count) = oneshot::channel();
+        // The batcher lives as long as any HitCounter: sending and answering cannot fail
+        // unless it panicked, which is then an unavailable Redis to the visitor.
+        let gone = || StoreError::Unavailable("the Redis batcher stopped".to_owned());
+        self.waiting.send(reply).map_err(|_| gone())?;
+        count.await.unwrap_or_else(|_| Err(gone()))
     }
 
-    /// `PING`, for readiness.
+    /// `PING`, for readiness. Sent on its own, not batched.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.query::<String>("PING", &self.inner.ping)
+        let mut ping = redis::pipe();
+        ping.cmd("PING");
+        self.redis
+            .query::<Vec<String>>("PING", 1, &ping)
             .await
             .map(drop)
     }
+}
 
+/// Takes every page view waiting when it runs and sends their `INCR`s as one pipeline, in its
+/// own task, so the next batch does not wait for this one's replies.
+async fn send_in_batches(redis: Arc<Redis>, mut queue: mpsc::UnboundedReceiver<Reply>) {
+    let mut batch = Vec::new();
+    while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let replies = std::mem::take(&mut batch);
+        tokio::spawn(redis.clone().incr_batch(replies));
+    }
+}
+
+impl Redis {
+    async fn incr_batch(self: Arc<Self>, replies: Vec<Reply>) {
+        let mut pipe = redis::pipe();
+        for _ in &replies {
+            pipe.cmd("INCR").arg(HITS_KEY);
+        }
+        match self.query::<Vec<i64>>("INCR", replies.len(), &pipe).await {
+            Ok(counts) => {
+                for (reply, count) in replies.into_iter().zip(counts) {
+                    // The visitor may have gone; the count stands.
+                    let _ = reply.send(Ok(count));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
+
+    /// Sends `pipe` (`commands` commands named `name`), bounded by the timeout.
     async fn query<T: redis::FromRedisValue>(
         &self,
         name: &'static str,
-        cmd: &redis::Cmd,
+        commands: usize,
+        pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
-        let inner = &*self.inner;
-        let current = inner.manager.load_full();
+        let current = self.manager.load_full();
         let mut manager = (*current).clone();
         let started = Instant::now();
-        let result = match tokio::time::timeout(inner.timeout, cmd.query_async(&mut manager)).await
+        let result = match tokio::time::timeout(self.timeout, pipe.query_async(&mut manager)).await
         {
             Ok(Ok(value)) => Ok(value),
             // Connection errors (refused, reset, connect timeout) already make the manager
@@ -125,7 +173,7 @@ impl HitCounter {
                 self.replace(&current);
                 Err(StoreError::Unavailable(format!(
                     "no answer within {} ms",
-                    inner.timeout.as_millis()
+                    self.timeout.as_millis()
                 )))
             }
         };
@@ -133,21 +181,19 @@ impl HitCounter {
             StoreError::Unavailable(_) => metrics::UNAVAILABLE,
             StoreError::Corrupt(_) => metrics::CORRUPT,
         });
-        inner
-            .metrics
-            .redis_command(name, started.elapsed(), error_kind);
+        self.metrics
+            .redis_commands(name, commands as u64, started.elapsed(), error_kind);
         result
     }
 
-    /// Swaps `stale` for a fresh manager, unless another request already did.
+    /// Swaps `stale` for a fresh manager, unless another batch already did.
     fn replace(&self, stale: &Arc<ConnectionManager>) {
-        let inner = &*self.inner;
         match ConnectionManager::new_lazy_with_config(
-            inner.client.clone(),
-            inner.manager_config.clone(),
+            self.client.clone(),
+            self.manager_config.clone(),
         ) {
             Ok(fresh) => {
-                let previous = inner.manager.compare_and_swap(stale, Arc::new(fresh));
+                let previous = self.manager.compare_and_swap(stale, Arc::new(fresh));
                 if Arc::ptr_eq(&previous, stale) {
                     tracing::warn!("redis stopped answering; replacing the connection");
                 }
@@ -158,20 +204,26 @@ impl HitCounter {
 }
 
 fn classify(e: RedisError) -> StoreError {
+    let message = e.to_string();
     // INCR's own refusals: the key holds a non-integer ("ERR value is not an integer or out of
     // range"), the count is at i64::MAX ("ERR increment or decrement would overflow"), or the
     // key is not a string (WRONGTYPE). Every other error, including other ERR replies such as
     // "max number of clients reached", is connection trouble or a server state Redis leaves by
-    // itself (LOADING, READONLY after a failover, OOM, MASTERDOWN, BUSY...).
-    let detail = e.detail().unwrap_or_default();
-    let corrupt = match e.code() {
-        Some("ERR") => detail.contains("not an integer") || detail.contains("overflow"),
-        Some("WRONGTYPE") => true,
-        _ => false,
-    };
+    // itself (LOADING, READONLY after a failover, OOM, MASTERDOWN, BUSY...). In a pipeline the
+    // server errors come per command.
+    let corrupt = e.into_server_errors().is_some_and(|errors| {
+        errors.iter().any(|(_, error)| {
+            let detail = error.details().unwrap_or_default();
+            match error.code() {
+                "ERR" => detail.contains("not an integer") || detail.contains("overflow"),
+                "WRONGTYPE" => true,
+                _ => false,
+            }
+        })
+    });
     if corrupt {
-        StoreError::Corrupt(e.to_string())
+        StoreError::Corrupt(message)
     } else {
-        StoreError::Unavailable(e.to_string())
+        StoreError::Unavailable(message)
     }
 }
