@@ -5,7 +5,7 @@
 # The builder is the official Rust image on Alpine, whose native target is musl: the binary is
 # static and built for the host's own architecture (linux/amd64 or linux/arm64; no target is
 # hard-coded). The Rust version is pinned to the one the project is tested with.
-FROM rust:1.95.0-alpine3.22 AS build
+FROM rust:1.95.0-alpine AS build
 # musl-dev: C headers for mimalloc (the allocator the musl build uses, see README).
 RUN apk add --no-cache musl-dev
 WORKDIR /src
