@@ -1,31 +1,18 @@
 //! Graceful shutdown: readiness off, no new connections, in-flight requests finish, exit 0.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::common::{RedisServer, accepts, binary, free_port, send, signal, spawn_app};
+use crate::common::{RedisServer, ServiceProcess, accepts, send, spawn_app};
 
 #[test]
 fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     let redis = RedisServer::start();
-    let port = free_port();
-    let mut child = binary()
-        .env("HOST_REDIS", "127.0.0.1")
-        .env("PORT_REDIS", redis.port.to_string())
-        .env("PORT", port.to_string())
-        .env("REDIS_TIMEOUT_MS", "5000")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while !accepts(port) {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the service did not start"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let mut service = ServiceProcess::start(&[
+        ("HOST_REDIS", "127.0.0.1"),
+        ("PORT_REDIS", &redis.port.to_string()),
+        ("REDIS_TIMEOUT_MS", "5000"),
+    ]);
+    let port = service.port;
     let runtime = tokio::runtime::Runtime::new().unwrap();
 
     // Arrange: Redis stalls for a second, so the next page view waits inside the service.
@@ -44,11 +31,11 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
 
     // Act: SIGTERM while it waits.
     let signalled = Instant::now();
-    signal(child.id(), "TERM");
+    service.signal("TERM");
     std::thread::sleep(Duration::from_millis(100));
     let refused_while_draining = !accepts(port);
     let (response, answered) = runtime.block_on(in_flight).unwrap();
-    let status = child.wait().unwrap();
+    let status = service.wait();
     sleeping.join().unwrap();
 
     // Assert: it was in flight at the signal (sent before, answered after) and it completed.
@@ -64,10 +51,8 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     );
     assert!(status.success(), "exit status {status:?}");
     assert_eq!(redis.hits(), Some(1));
-    let log: Vec<String> = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok)
-        .collect();
+    let log = service.log();
+    let log: Vec<&str> = log.lines().collect();
     let shutdown_at = log.iter().position(|l| l.contains("shutdown requested"));
     let request_at = log
         .iter()

@@ -418,10 +418,20 @@ impl ServiceProcess {
         self.child.try_wait().unwrap().is_none()
     }
 
+    /// Sends a signal (by name, e.g. "TERM") to the service.
+    pub fn signal(&self, name: &str) {
+        signal(self.pid(), name);
+    }
+
+    /// Waits for the service to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().unwrap()
+    }
+
     /// SIGTERM, then wait for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        signal(self.pid(), "TERM");
-        self.child.wait().unwrap()
+        self.signal("TERM");
+        self.wait()
     }
 
     /// Everything the service logged so far (complete once it has exited).
