@@ -36,13 +36,19 @@ const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 /// Access-log lines show at most this much of a path; scanners send very long ones.
 const LOGGED_PATH_MAX: usize = 200;
 
+/// The routes, by path; metrics label requests with these (anything else is `other`).
+const ROOT: &str = "/";
+const LIVEZ: &str = "/livez";
+const READYZ: &str = "/readyz";
+const METRICS: &str = "/metrics";
+
 /// The service's routes; the binary and the tests both use this.
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/", get(hello).head(hello_head))
-        .route("/livez", get(livez))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route(ROOT, get(hello).head(hello_head))
+        .route(LIVEZ, get(livez))
+        .route(READYZ, get(readyz))
+        .route(METRICS, get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn(require_host))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
@@ -151,9 +157,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
 }
 
 async fn not_found() -> Response {
-    let mut response = page(TEXT, "Not Found".to_owned());
-    *response.status_mut() = StatusCode::NOT_FOUND;
-    response
+    plain(StatusCode::NOT_FOUND, "Not Found")
 }
 
 /// A 200 with a fixed content type that no cache may keep.
@@ -162,6 +166,13 @@ fn page(content_type: HeaderValue, body: String) -> Response {
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CACHE_CONTROL, NO_STORE);
+    response
+}
+
+/// A fixed plain-text answer with `status`, which no cache may keep (errors, `404`).
+pub(crate) fn plain(status: StatusCode, body: &'static str) -> Response {
+    let mut response = page(TEXT, body.to_owned());
+    *response.status_mut() = status;
     response
 }
 
@@ -177,29 +188,21 @@ async fn require_host(request: Request, next: Next) -> Response {
     if valid {
         next.run(request).await
     } else {
-        let mut response = page(
-            TEXT,
-            "Bad Request: exactly one Host header is required".to_owned(),
-        );
-        *response.status_mut() = StatusCode::BAD_REQUEST;
-        response
+        plain(
+            StatusCode::BAD_REQUEST,
+            "Bad Request: exactly one Host header is required",
+        )
     }
 }
 
 /// One log line and one metrics sample per request.
 async fn access_log(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let route = match request
-        .extensions()
-        .get::<MatchedPath>()
-        .map(MatchedPath::as_str)
-    {
-        Some("/") => "/",
-        Some("/livez") => "/livez",
-        Some("/readyz") => "/readyz",
-        Some("/metrics") => "/metrics",
-        _ => "other",
-    };
+    let matched = request.extensions().get::<MatchedPath>();
+    let route = [ROOT, LIVEZ, READYZ, METRICS]
+        .into_iter()
+        .find(|route| matched.is_some_and(|m| m.as_str() == *route))
+        .unwrap_or("other");
     // Cheap clones: a standard method is inline and a URI shares its bytes.
     let method = request.method().clone();
     let uri = request.uri().clone();
