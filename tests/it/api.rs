@@ -38,11 +38,7 @@ async fn each_get_counts_exactly_one() {
 #[tokio::test]
 async fn the_count_continues_from_what_redis_holds() {
     let redis = RedisServer::start();
-    let _: () = redis::cmd("SET")
-        .arg("hits")
-        .arg(41)
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["SET", "hits", "41"]);
     let app = spawn_app(redis.port).await;
 
     assert_eq!(app.get("/").await.body(), "Hello World! 42 times.");

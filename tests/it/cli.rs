@@ -204,11 +204,7 @@ fn healthcheck_gives_up_after_two_seconds_on_a_silent_port() {
 #[test]
 fn json_logs_are_one_object_per_line_with_the_request_fields() {
     let redis = RedisServer::start();
-    let mut service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis.port.to_string()),
-        ("LOG_FORMAT", "json"),
-    ]);
+    let mut service = ServiceProcess::with_redis(redis.port, &[("LOG_FORMAT", "json")]);
     assert_eq!(blocking_get(service.port, "/").unwrap().status, 200);
     assert!(service.terminate().success());
 

@@ -150,10 +150,7 @@ async fn request_heads_over_the_limit_get_431() {
 #[test]
 fn a_huge_or_endless_body_on_get_root_is_refused_without_being_read() {
     let redis = RedisServer::start();
-    let service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis.port.to_string()),
-    ]);
+    let service = ServiceProcess::with_redis(redis.port, &[]);
 
     // Announces 10 GB; the answer must come without the body being sent.
     let started = Instant::now();
@@ -335,11 +332,7 @@ fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
     const SLOW: usize = 300;
     const NORMAL: usize = 200;
     let redis = RedisServer::start();
-    let service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis.port.to_string()),
-        ("HEADER_READ_TIMEOUT_MS", "3000"),
-    ]);
+    let service = ServiceProcess::with_redis(redis.port, &[("HEADER_READ_TIMEOUT_MS", "3000")]);
     let port = service.port;
 
     // Slowloris: each connection dribbles a header byte every 200 ms.
@@ -422,10 +415,7 @@ fn a_storm_of_connection_close_requests_counts_exactly() {
     const THREADS: usize = 16;
     const EACH: usize = 200;
     let redis = RedisServer::start();
-    let service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis.port.to_string()),
-    ]);
+    let service = ServiceProcess::with_redis(redis.port, &[]);
     let port = service.port;
 
     let threads: Vec<_> = (0..THREADS)
@@ -567,12 +557,13 @@ fn ten_thousand_generated_bad_requests_and_a_slowloris_batch_change_nothing() {
     const GOOD_EVERY: usize = 20;
     const SLOWLORIS: usize = 200;
     let redis = RedisServer::start();
-    let mut service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis.port.to_string()),
-        ("HEADER_READ_TIMEOUT_MS", "2000"),
-        ("IDLE_TIMEOUT_MS", "1000"),
-    ]);
+    let mut service = ServiceProcess::with_redis(
+        redis.port,
+        &[
+            ("HEADER_READ_TIMEOUT_MS", "2000"),
+            ("IDLE_TIMEOUT_MS", "1000"),
+        ],
+    );
     let port = service.port;
     let deadline = Instant::now() + Duration::from_secs(60);
     let rss_before = service.rss_kb();

@@ -67,12 +67,7 @@ async fn client_pause_is_survived_the_same_way() {
     let app = app_with_short_timeout(redis.port).await;
     assert_eq!(app.get("/").await.status, 200);
 
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1000)
-        .arg("ALL")
-        .query(&mut redis.conn())
-        .unwrap();
+    redis.run(&["CLIENT", "PAUSE", "1000", "ALL"]);
     let started = Instant::now();
     let response = app.get("/").await;
     let took = started.elapsed();
@@ -93,19 +88,11 @@ async fn client_pause_is_survived_the_same_way() {
 async fn a_counter_that_is_not_an_integer_or_would_overflow_is_a_500_never_a_panic() {
     let redis = RedisServer::start();
     let app = app_with_short_timeout(redis.port).await;
-    let mut conn = redis.conn();
-
-    for (arrange, why) in [
-        (
-            redis::cmd("SET").arg("hits").arg("abc").clone(),
-            "not an integer",
-        ),
-        (
-            redis::cmd("SET").arg("hits").arg(i64::MAX).clone(),
-            "at i64::MAX",
-        ),
+    for (value, why) in [
+        ("abc", "not an integer"),
+        ("9223372036854775807", "at i64::MAX"),
     ] {
-        let _: () = arrange.query(&mut conn).unwrap();
+        redis.run(&["SET", "hits", value]);
         let response = app.get("/").await;
         assert_eq!(response.status, 500, "{why}");
         assert_eq!(
@@ -119,21 +106,13 @@ async fn a_counter_that_is_not_an_integer_or_would_overflow_is_a_500_never_a_pan
             "{why}: waiting will not fix it"
         );
     }
-    let _: () = redis::cmd("DEL").arg("hits").query(&mut conn).unwrap();
-    let _: () = redis::cmd("LPUSH")
-        .arg("hits")
-        .arg("x")
-        .query(&mut conn)
-        .unwrap();
+    redis.run(&["DEL", "hits"]);
+    redis.run(&["LPUSH", "hits", "x"]);
     assert_eq!(app.get("/").await.status, 500, "a list under the key");
     assert_eq!(app.get("/readyz").await.status, 200, "Redis itself is fine");
 
-    let _: () = redis::cmd("DEL").arg("hits").query(&mut conn).unwrap();
-    let _: () = redis::cmd("SET")
-        .arg("hits")
-        .arg(41)
-        .query(&mut conn)
-        .unwrap();
+    redis.run(&["DEL", "hits"]);
+    redis.run(&["SET", "hits", "41"]);
     assert_eq!(
         app.get("/").await.body(),
         "Hello World! 42 times.",
@@ -145,56 +124,27 @@ async fn a_counter_that_is_not_an_integer_or_would_overflow_is_a_500_never_a_pan
 async fn readonly_and_out_of_memory_errors_are_503s_until_redis_is_healthy_again() {
     let redis = RedisServer::start();
     let app = app_with_short_timeout(redis.port).await;
-    let mut conn = redis.conn();
     assert_eq!(app.get("/").await.hits(), 1);
 
     // A failover demoted this server to a replica (of a master that is not there).
     let dead_master = crate::common::free_port();
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("127.0.0.1")
-        .arg(dead_master)
-        .query(&mut conn)
-        .unwrap();
+    redis.run(&["REPLICAOF", "127.0.0.1", &dead_master.to_string()]);
     assert_503_with_retry_after(&app.get("/").await, "READONLY");
-    let _: () = redis::cmd("REPLICAOF")
-        .arg("NO")
-        .arg("ONE")
-        .query(&mut conn)
-        .unwrap();
+    redis.run(&["REPLICAOF", "NO", "ONE"]);
     assert_eq!(app.get("/").await.hits(), 2);
 
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(1)
-        .query(&mut conn)
-        .unwrap();
+    redis.run(&["CONFIG", "SET", "maxmemory", "1"]);
     assert_503_with_retry_after(&app.get("/").await, "OOM");
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg(0)
-        .query(&mut conn)
-        .unwrap();
+    redis.run(&["CONFIG", "SET", "maxmemory", "0"]);
     assert_eq!(app.get("/").await.hits(), 3);
 }
 
 #[tokio::test]
 async fn a_redis_still_loading_its_data_gives_503s_then_serves() {
     let mut redis = RedisServer::start();
-    let mut conn = redis.conn();
-    let _: () = redis::cmd("SET")
-        .arg("hits")
-        .arg(10)
-        .query(&mut conn)
-        .unwrap();
-    let _: () = redis::cmd("DEBUG")
-        .arg("POPULATE")
-        .arg(20_000)
-        .query(&mut conn)
-        .unwrap();
-    let _: () = redis::cmd("SAVE").query(&mut conn).unwrap();
-    drop(conn);
+    redis.run(&["SET", "hits", "10"]);
+    redis.run(&["DEBUG", "POPULATE", "20000"]);
+    redis.run(&["SAVE"]);
     redis.stop();
     // ~1 s of loading, answering -LOADING meanwhile.
     redis.restart_unready(&[
@@ -252,11 +202,8 @@ fn misbehaving_peer_is_survived(hang_up: bool) {
     const REQUESTS: usize = 100;
     const CLIENTS: usize = 10;
     let (port, accepted) = fake_redis(hang_up);
-    let service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &port.to_string()),
-        ("REDIS_TIMEOUT_MS", &TIMEOUT_MS.to_string()),
-    ]);
+    let service =
+        ServiceProcess::with_redis(port, &[("REDIS_TIMEOUT_MS", &TIMEOUT_MS.to_string())]);
     let rss_before = service.rss_kb();
     let started = Instant::now();
     let cpu_before = service.cpu_ticks();

@@ -172,11 +172,7 @@ server {{
 }
 
 fn replica(redis_port: u16) -> ServiceProcess {
-    ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis_port.to_string()),
-        ("RUST_LOG", "warn"),
-    ])
+    ServiceProcess::with_redis(redis_port, &[("RUST_LOG", "warn")])
 }
 
 fn wait_ready(port: u16) {

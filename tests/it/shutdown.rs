@@ -7,11 +7,7 @@ use crate::common::{RedisServer, ServiceProcess, accepts, send, spawn_app};
 #[test]
 fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     let redis = RedisServer::start();
-    let mut service = ServiceProcess::start(&[
-        ("HOST_REDIS", "127.0.0.1"),
-        ("PORT_REDIS", &redis.port.to_string()),
-        ("REDIS_TIMEOUT_MS", "5000"),
-    ]);
+    let mut service = ServiceProcess::with_redis(redis.port, &[("REDIS_TIMEOUT_MS", "5000")]);
     let port = service.port;
     let runtime = tokio::runtime::Runtime::new().unwrap();
 

@@ -167,17 +167,27 @@ impl RedisServer {
             .unwrap()
     }
 
+    /// Runs one command (e.g. `["CONFIG", "SET", "maxmemory", "1"]`), which must succeed.
+    pub fn run(&self, args: &[&str]) {
+        let _: redis::Value = command(args).query(&mut self.conn()).unwrap();
+    }
+
     /// Runs a command that blocks Redis (e.g. `DEBUG SLEEP`) on its own thread.
     pub fn in_background(&self, args: &[&str]) -> std::thread::JoinHandle<()> {
         let mut conn = self.conn();
-        let mut cmd = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            cmd.arg(*arg);
-        }
+        let cmd = command(args);
         std::thread::spawn(move || {
             let _: redis::Value = cmd.query(&mut conn).unwrap();
         })
     }
+}
+
+fn command(args: &[&str]) -> redis::Cmd {
+    let mut cmd = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd
 }
 
 impl Drop for RedisServer {
@@ -394,6 +404,14 @@ impl ServiceProcess {
             std::thread::sleep(Duration::from_millis(5));
         }
         service
+    }
+
+    /// Starts the binary against the Redis on 127.0.0.1:`redis_port`, with `extra` settings.
+    pub fn with_redis(redis_port: u16, extra: &[(&str, &str)]) -> Self {
+        let port = redis_port.to_string();
+        let mut vars = vec![("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", port.as_str())];
+        vars.extend_from_slice(extra);
+        Self::start(&vars)
     }
 
     pub fn pid(&self) -> u32 {
