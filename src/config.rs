@@ -94,12 +94,13 @@ pub mod defaults {
 impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
-        Self::from_lookup(|key| match std::env::var(key) {
-            Ok(value) => Some(value),
-            Err(std::env::VarError::NotPresent) => None,
-            // Not UTF-8: keep it (lossily) so validation rejects it and names it.
-            Err(std::env::VarError::NotUnicode(raw)) => Some(raw.to_string_lossy().into_owned()),
-        })
+        Self::from_lookup(env_var)
+    }
+
+    /// `PORT` alone, from the process environment: all `hit-counter healthcheck` needs, so an
+    /// unrelated bad variable does not make a running replica look unhealthy.
+    pub fn port_from_env() -> Result<u16, ConfigError> {
+        Env(&env_var).parse("PORT", defaults::PORT, parse_port)
     }
 
     /// Reads the configuration through `lookup` (the environment, or a map in tests).
@@ -130,6 +131,15 @@ impl Config {
                 range(1024, 1024 * 1024),
             )?,
         })
+    }
+}
+
+fn env_var(key: &str) -> Option<String> {
+    match std::env::var(key) {
+        Ok(value) => Some(value),
+        Err(std::env::VarError::NotPresent) => None,
+        // Not UTF-8: keep it (lossily) so validation rejects it and names it.
+        Err(std::env::VarError::NotUnicode(raw)) => Some(raw.to_string_lossy().into_owned()),
     }
 }
 

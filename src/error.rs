@@ -6,13 +6,12 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
-use crate::routes::plain;
-use crate::store::StoreError;
+use crate::store::{ErrorKind, StoreError};
 
 /// A failed page view.
 #[derive(Debug)]
 pub enum AppError {
-    /// Redis is down, restarting, loading, read-only, full or too slow. Worth retrying soon.
+    /// Redis failed: unavailable (worth retrying soon) or the counter is unusable.
     Store(StoreError),
     /// `GET /` came with a body: not a page view.
     BodyNotAllowed,
@@ -27,27 +26,29 @@ impl From<StoreError> for AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, body) = match &self {
-            Self::Store(e @ StoreError::Unavailable(_)) => {
-                tracing::warn!(error = %e, "page view not counted (or not known to be)");
-                (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "Service Unavailable: the hit counter cannot be reached. Try again in a moment.",
-                )
-            }
-            // Not a 503: waiting will not fix it, an operator must (see README, Operations).
-            Self::Store(e @ StoreError::Corrupt(_)) => {
-                tracing::error!(error = %e, "the hits key cannot be incremented");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "Internal Server Error: the hit counter is broken.",
-                )
-            }
+            Self::Store(e) => match e.kind {
+                ErrorKind::Unavailable => {
+                    tracing::warn!(error = %e, "page view not counted (or not known to be)");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Service Unavailable: the hit counter cannot be reached. Try again in a moment.",
+                    )
+                }
+                // Not a 503: waiting will not fix it, an operator must (see README, Operations).
+                ErrorKind::Corrupt => {
+                    tracing::error!(error = %e, "the hits key cannot be incremented");
+                    (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "Internal Server Error: the hit counter is broken.",
+                    )
+                }
+            },
             Self::BodyNotAllowed => (
                 StatusCode::BAD_REQUEST,
                 "Bad Request: GET / must not carry a body.",
             ),
         };
-        let mut response = plain(status, body);
+        let mut response = (status, body).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             let retry_after = HeaderValue::from_static("1");
             response

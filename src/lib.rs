@@ -24,6 +24,7 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 
+use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -35,7 +36,6 @@ pub use config::Config;
 
 use crate::metrics::Metrics;
 use crate::routes::AppState;
-use crate::server::Limits;
 use crate::store::HitCounter;
 
 /// A bound, not yet serving, instance of the service.
@@ -43,24 +43,50 @@ pub struct App {
     listener: TcpListener,
     port: u16,
     state: AppState,
-    limits: Limits,
+    config: Config,
+}
+
+/// Why the service could not start.
+#[derive(Debug)]
+pub enum StartError {
+    /// The port could not be bound (taken, or not allowed).
+    Listen { port: u16, source: io::Error },
+    /// The Redis address cannot be used at all (whether Redis is up is checked per request).
+    Redis(redis::RedisError),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Listen { port, source } => write!(f, "cannot listen on port {port}: {source}"),
+            Self::Redis(e) => write!(f, "cannot use the Redis address: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Listen { source, .. } => Some(source),
+            Self::Redis(e) => Some(e),
+        }
+    }
 }
 
 impl App {
     /// Binds `0.0.0.0:PORT` (port 0 picks a free one) and prepares the Redis connection
     /// without connecting: the service starts even while Redis is down.
-    pub async fn build(config: Config) -> io::Result<Self> {
-        let listener =
-            TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port))).await?;
-        let port = listener.local_addr()?.port();
-        let metrics = Arc::new(Metrics::default());
-        let counter = HitCounter::new(
-            &config.redis_host,
-            config.redis_port,
-            config.redis_timeout,
-            metrics.clone(),
-        )
-        .map_err(io::Error::other)?;
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let listen = |source| StartError::Listen {
+            port: config.port,
+            source,
+        };
+        let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, config.port)))
+            .await
+            .map_err(listen)?;
+        let port = listener.local_addr().map_err(listen)?.port();
+        let counter = HitCounter::new(&config.redis_host, config.redis_port, config.redis_timeout)
+            .map_err(StartError::Redis)?;
         tracing::info!(
             port,
             redis = %format_args!("{}:{}", config.redis_host, config.redis_port),
@@ -80,16 +106,10 @@ impl App {
             port,
             state: AppState {
                 counter,
-                metrics,
+                metrics: Arc::new(Metrics::default()),
                 shutting_down: Arc::new(AtomicBool::new(false)),
             },
-            limits: Limits {
-                header_read_timeout: config.header_read_timeout,
-                idle_timeout: config.idle_timeout,
-                max_connections: config.max_connections,
-                max_header_bytes: config.max_header_bytes,
-                drain_timeout: config.drain_timeout,
-            },
+            config,
         })
     }
 
@@ -109,7 +129,7 @@ impl App {
             shutting_down.store(true, Ordering::Relaxed);
             tracing::info!("shutdown requested");
         };
-        server::serve(self.listener, router, self.limits, metrics, shutdown).await;
+        server::serve(self.listener, router, &self.config, metrics, shutdown).await;
     }
 }
 

@@ -13,46 +13,48 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use hit_counter::{App, Config, healthcheck, shutdown_signal, telemetry};
 
+const USAGE: &str = "usage: hit-counter [healthcheck | --help | --version]
+
+  hit-counter              serve http://0.0.0.0:$PORT/ (configuration: environment, see README)
+  hit-counter healthcheck  exit 0 if the service on 127.0.0.1:$PORT answers GET /livez with 200";
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let config = match Config::from_env() {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("hit-counter: configuration error: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    match args
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>()
-        .as_slice()
-    {
-        [] => serve(config),
-        ["healthcheck"] => match healthcheck::check(config.port) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
+    match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        [] => match Config::from_env() {
+            Ok(config) => serve(config),
+            Err(e) => configuration_error(e),
+        },
+        ["healthcheck"] => match Config::port_from_env().map(healthcheck::check) {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
                 eprintln!("hit-counter: unhealthy: {e}");
                 ExitCode::from(1)
             }
+            Err(e) => configuration_error(e),
         },
+        ["--help" | "-h"] => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        ["--version" | "-V"] => {
+            println!("hit-counter {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
         _ => {
-            eprintln!(
-                "usage: hit-counter [healthcheck]  (configuration comes from the environment; see README)"
-            );
+            eprintln!("{USAGE}");
             ExitCode::from(2)
         }
     }
 }
 
+fn configuration_error(e: hit_counter::config::ConfigError) -> ExitCode {
+    eprintln!("hit-counter: configuration error: {e}");
+    ExitCode::from(2)
+}
+
 fn serve(config: Config) -> ExitCode {
-    let _logs = match telemetry::init(config.log_format, &config.log_filter) {
-        Ok(guard) => guard,
-        Err(e) => {
-            eprintln!("hit-counter: cannot start logging: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let logs = telemetry::init(config.log_format, &config.log_filter);
     // One event-loop thread per process. Measured (README, Performance): concurrent page views
     // then share each write to Redis (automatic pipelining), where worker threads hand the
     // Redis connection to each other and write one command per syscall. A replica uses one
@@ -65,7 +67,7 @@ fn serve(config: Config) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match App::build(config).await {
             Ok(app) => {
                 app.run_until_stopped(shutdown_signal()).await;
@@ -77,5 +79,7 @@ fn serve(config: Config) -> ExitCode {
                 ExitCode::from(1)
             }
         }
-    })
+    });
+    logs.finish();
+    code
 }

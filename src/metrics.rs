@@ -13,6 +13,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
+use crate::store::ErrorKind;
+
 /// The route label of a request: one of the router's own paths, or `other`, so scanners
 /// cannot create one time series per URL they try.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -37,10 +39,13 @@ struct ErrorLabels {
     kind: &'static str,
 }
 
-/// `redis_errors_total{kind=...}`: Redis unreachable, too slow, or in a state it leaves by itself.
-pub const UNAVAILABLE: &str = "unavailable";
-/// `redis_errors_total{kind=...}`: the hits key cannot be incremented.
-pub const CORRUPT: &str = "corrupt";
+/// The `kind` label of `redis_errors_total`.
+fn kind_label(kind: ErrorKind) -> &'static str {
+    match kind {
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Corrupt => "corrupt",
+    }
+}
 
 /// Every metric the service exports.
 pub struct Metrics {
@@ -83,7 +88,7 @@ impl Default for Metrics {
         );
         registry.register(
             "redis_command_duration_seconds",
-            "Time for one Redis command, failures and timeouts included",
+            "Time a request waited for its Redis command (batching included), failures and timeouts included",
             redis_duration.clone(),
         );
         let redis_errors = Family::<ErrorLabels, Counter>::default();
@@ -120,7 +125,8 @@ impl Default for Metrics {
         for command in ["INCR", "PING"] {
             drop(redis_duration.get_or_create(&CommandLabels { command }));
         }
-        for kind in [UNAVAILABLE, CORRUPT] {
+        for kind in [ErrorKind::Unavailable, ErrorKind::Corrupt] {
+            let kind = kind_label(kind);
             drop(redis_errors.get_or_create(&ErrorLabels { kind }));
         }
         Self {
@@ -151,33 +157,21 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Records `count` Redis commands sent together (a pipeline) that took `took`; `error` is
-    /// `None` on success.
-    pub fn redis_commands(
-        &self,
-        command: &'static str,
-        count: u64,
-        took: Duration,
-        error: Option<&'static str>,
-    ) {
-        let histogram = self
-            .redis_duration
-            .get_or_create(&CommandLabels { command });
-        for _ in 0..count {
-            histogram.observe(took.as_secs_f64());
+    /// Records one Redis command that took `took`; `failure` is `None` on success.
+    pub fn redis_command(&self, command: &'static str, took: Duration, failure: Option<ErrorKind>) {
+        self.redis_duration
+            .get_or_create(&CommandLabels { command })
+            .observe(took.as_secs_f64());
+        if let Some(kind) = failure {
+            self.redis_errors
+                .get_or_create(&ErrorLabels {
+                    kind: kind_label(kind),
+                })
+                .inc();
         }
-        match error {
-            None => {
-                self.redis_up.set(1);
-            }
-            Some(kind) => {
-                self.redis_errors
-                    .get_or_create(&ErrorLabels { kind })
-                    .inc_by(count);
-                // A corrupt counter means Redis answered: it is up.
-                self.redis_up.set(i64::from(kind != UNAVAILABLE));
-            }
-        }
+        // A corrupt counter means Redis answered: it is up.
+        self.redis_up
+            .set(i64::from(failure != Some(ErrorKind::Unavailable)));
     }
 
     /// A connection was accepted (`true`) or closed (`false`).

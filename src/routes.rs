@@ -8,15 +8,16 @@ use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Version, header};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use http_body::Body as _;
 use serde::Serialize;
+use tower_http::set_header::SetResponseHeaderLayer;
 
 use crate::error::AppError;
 use crate::metrics::Metrics;
-use crate::store::HitCounter;
+use crate::store::{HitCounter, StoreError};
 
 /// What every handler shares. Cheap to clone.
 #[derive(Clone)]
@@ -27,11 +28,21 @@ pub struct AppState {
     pub shutting_down: Arc<AtomicBool>,
 }
 
-/// What Flask sends for a string response, so a browser shows the same page.
-const HTML: HeaderValue = HeaderValue::from_static("text/html; charset=utf-8");
-const TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
-/// No proxy or browser may keep a copy: every view must reach the counter.
-const NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+impl AppState {
+    /// Runs one Redis operation and records its duration and outcome in the metrics.
+    async fn timed<T>(
+        &self,
+        command: &'static str,
+        operation: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let started = Instant::now();
+        let result = operation.await;
+        let failure = result.as_ref().err().map(|e| e.kind);
+        self.metrics
+            .redis_command(command, started.elapsed(), failure);
+        result
+    }
+}
 
 /// Access-log lines show at most this much of a path; scanners send very long ones.
 const LOGGED_PATH_MAX: usize = 200;
@@ -51,33 +62,36 @@ pub fn router(state: AppState) -> Router {
         .route(METRICS, get(metrics))
         .fallback(not_found)
         .layer(middleware::from_fn(require_host))
+        // No proxy or browser may keep a copy of any answer: every view must reach the counter.
+        .layer(SetResponseHeaderLayer::overriding(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("no-store"),
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), access_log))
         .with_state(state)
 }
 
 /// `GET /`: one `INCR hits`, and the visitor's number.
-async fn hello(State(state): State<AppState>, body: Body) -> Result<Response, AppError> {
+async fn hello(State(state): State<AppState>, body: Body) -> Result<Html<String>, AppError> {
     // A browser's page view never carries a body. One that does is a scanner or a smuggling
     // attempt (Content-Length plus Transfer-Encoding): refused without reading it, not counted.
     if !body.is_end_stream() {
         return Err(AppError::BodyNotAllowed);
     }
-    let hits = state.counter.incr_hits().await?;
+    let hits = state.timed("INCR", state.counter.incr_hits()).await?;
     // Built by hand: `format!` costs more than everything else in this handler but the INCR.
     let mut body = String::with_capacity(40);
     body.push_str("Hello World! ");
     body.push_str(itoa::Buffer::new().format(hits));
     body.push_str(" times.");
-    Ok(page(HTML, body))
+    Ok(Html(body))
 }
 
 /// `HEAD /`: the same headers as `GET /` for uptime monitors, without counting a view.
-async fn hello_head() -> Response {
-    let mut response = page(HTML, String::new());
+async fn hello_head() -> Html<Body> {
     // Without a count there is no length to announce, and `Content-Length: 0` would be wrong
     // (RFC 9110 §8.6), so the body claims no length and none is sent.
-    *response.body_mut() = Body::new(UnknownLength);
-    response
+    Html(Body::new(UnknownLength))
 }
 
 /// An empty body that does not say it is empty.
@@ -97,8 +111,8 @@ impl http_body::Body for UnknownLength {
 
 /// `GET /livez`: the process runs. Never touches Redis, so a Redis outage does not get every
 /// replica restarted.
-async fn livez() -> Response {
-    page(TEXT, "ok".to_owned())
+async fn livez() -> &'static str {
+    "ok"
 }
 
 /// `GET /readyz`: Redis answers a PING in time, and shutdown has not begun. The JSON body
@@ -108,7 +122,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if shutting_down() {
         return readiness(Some("shutting down"));
     }
-    let ping = state.counter.ping().await;
+    let ping = state.timed("PING", state.counter.ping()).await;
     // Shutdown may have begun while the PING was out; the answer must say so.
     if shutting_down() {
         return readiness(Some("shutting down"));
@@ -139,41 +153,20 @@ fn readiness(unavailable_because: Option<&'static str>) -> Response {
         status: body,
         reason: unavailable_because,
     };
-    let mut response = (status, Json(body)).into_response();
-    response
-        .headers_mut()
-        .insert(header::CACHE_CONTROL, NO_STORE);
-    response
+    (status, Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus / OpenMetrics text. Scraping counts nothing.
-async fn metrics(State(state): State<AppState>) -> Response {
-    let mut response = state.metrics.render().into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
-    );
-    response
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+    (
+        [(header::CONTENT_TYPE, content_type)],
+        state.metrics.render(),
+    )
 }
 
-async fn not_found() -> Response {
-    plain(StatusCode::NOT_FOUND, "Not Found")
-}
-
-/// A 200 with a fixed content type that no cache may keep.
-fn page(content_type: HeaderValue, body: String) -> Response {
-    let mut response = body.into_response();
-    let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert(header::CACHE_CONTROL, NO_STORE);
-    response
-}
-
-/// A fixed plain-text answer with `status`, which no cache may keep (errors, `404`).
-pub(crate) fn plain(status: StatusCode, body: &'static str) -> Response {
-    let mut response = page(TEXT, body.to_owned());
-    *response.status_mut() = status;
-    response
+async fn not_found() -> (StatusCode, &'static str) {
+    (StatusCode::NOT_FOUND, "Not Found")
 }
 
 /// RFC 9112 §3.2: an HTTP/1.1 request without exactly one `Host` header gets 400. hyper
@@ -188,10 +181,8 @@ async fn require_host(request: Request, next: Next) -> Response {
     if valid {
         next.run(request).await
     } else {
-        plain(
-            StatusCode::BAD_REQUEST,
-            "Bad Request: exactly one Host header is required",
-        )
+        let refusal = "Bad Request: exactly one Host header is required";
+        (StatusCode::BAD_REQUEST, refusal).into_response()
     }
 }
 

@@ -35,17 +35,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tower::Service;
 
+use crate::Config;
 use crate::metrics::Metrics;
-
-/// The connection limits, from [`Config`](crate::Config).
-#[derive(Clone, Copy, Debug)]
-pub struct Limits {
-    pub header_read_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_connections: usize,
-    pub max_header_bytes: usize,
-    pub drain_timeout: Duration,
-}
 
 /// What a connection over the cap gets before it is closed.
 const OVERLOADED: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -66,22 +57,23 @@ const REJECT_LINGER: Duration = Duration::from_secs(1);
 /// busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Serves `router` on `listener` until `shutdown` completes, then drains.
+/// Serves `router` on `listener` with `config`'s limits until `shutdown` completes, then
+/// drains.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    limits: Limits,
+    config: &Config,
     metrics: Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
 ) {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_header_size(limits.max_header_bytes)
+        .header_read_timeout(config.header_read_timeout)
+        .max_header_size(config.max_header_bytes)
         // hyper's minimum buffer is 8 KiB; a bigger one is only needed for bigger heads.
-        .max_buf_size(limits.max_header_bytes.max(8192));
+        .max_buf_size(config.max_header_bytes.max(8192));
     let graceful = GracefulShutdown::new();
-    let open = Arc::new(Semaphore::new(limits.max_connections));
+    let open = Arc::new(Semaphore::new(config.max_connections));
     let rejecting = Arc::new(Semaphore::new(MAX_REJECTING));
     tokio::pin!(shutdown);
 
@@ -131,7 +123,7 @@ pub async fn serve(
         };
         let connection = graceful.watch(http.serve_connection(io, service));
         let metrics = metrics.clone();
-        let idle_timeout = limits.idle_timeout;
+        let idle_timeout = config.idle_timeout;
         tokio::spawn(async move {
             metrics.connection(true);
             tokio::select! {
@@ -153,8 +145,8 @@ pub async fn serve(
     tracing::info!("stopped accepting; draining in-flight requests");
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(limits.drain_timeout) => {
-            tracing::warn!(timeout_ms = limits.drain_timeout.as_millis() as u64, "drain timeout; closing the remaining connections");
+        () = tokio::time::sleep(config.drain_timeout) => {
+            tracing::warn!(timeout_ms = config.drain_timeout.as_millis() as u64, "drain timeout; closing the remaining connections");
         }
     }
 }

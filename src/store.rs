@@ -7,43 +7,61 @@
 //! instead of once per request (README, Performance). Every batch is bounded by
 //! `REDIS_TIMEOUT_MS`, connecting included, so a dead or hung Redis costs a request at most that.
 //!
-//! The manager reconnects by itself when the socket breaks, but not when Redis merely stops
-//! answering (a paused or hung server, or a peer that accepts and never replies): the old
-//! socket would stay, with its queue of unanswered commands growing. So on a timeout the
-//! manager is swapped for a fresh, lazily connecting one, at most once per stuck connection.
+//! The manager reconnects by itself when the socket breaks, but not when the socket stays open
+//! and nothing comes back (a hung server, or a connection left half-open by a failover or a
+//! network fault while a new connection would be answered): the old socket would stay, with
+//! its queue of unanswered commands growing. So on a timeout the manager is swapped for a
+//! fresh, lazily connecting one, at most once per stuck connection.
 
+use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Client, ConnectionAddr, RedisError};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::metrics::{self, Metrics};
-
 /// The Redis key that holds the count, as in the original.
 pub const HITS_KEY: &str = "hits";
 
-/// Why a Redis operation failed, as far as a caller needs to know.
-#[derive(Clone, Debug)]
-pub enum StoreError {
+/// What kind of failure a Redis operation had: what callers and metrics decide on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
     /// Redis is unreachable, restarting, loading, read-only, out of memory or too slow: it may
     /// work again in a moment.
-    Unavailable(String),
+    Unavailable,
     /// Redis answered, but the counter cannot be incremented (it holds something that is not
     /// an integer, or it would overflow). Retrying will not help; an operator must look.
-    Corrupt(String),
+    Corrupt,
 }
 
-impl std::fmt::Display for StoreError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Unavailable(why) => write!(f, "redis unavailable: {why}"),
-            Self::Corrupt(why) => write!(f, "hit counter unusable: {why}"),
+/// A failed Redis operation: its kind, and Redis' own words for the log.
+#[derive(Clone, Debug)]
+pub struct StoreError {
+    pub kind: ErrorKind,
+    detail: String,
+}
+
+impl StoreError {
+    fn unavailable(detail: impl Into<String>) -> Self {
+        Self {
+            kind: ErrorKind::Unavailable,
+            detail: detail.into(),
         }
     }
 }
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.kind {
+            ErrorKind::Unavailable => write!(f, "redis unavailable: {}", self.detail),
+            ErrorKind::Corrupt => write!(f, "hit counter unusable: {}", self.detail),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
 
 /// Counts hits in Redis. Cheap to clone: clones share one connection.
 #[derive(Clone)]
@@ -64,18 +82,12 @@ struct Redis {
     manager_config: ConnectionManagerConfig,
     manager: ArcSwap<ConnectionManager>,
     timeout: Duration,
-    metrics: Arc<Metrics>,
 }
 
 impl HitCounter {
     /// Prepares a connection to `host:port` without connecting: the service must start (and
     /// answer `/livez`) while Redis is still down. Must be called inside the Tokio runtime.
-    pub fn new(
-        host: &str,
-        port: u16,
-        timeout: Duration,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, RedisError> {
+    pub fn new(host: &str, port: u16, timeout: Duration) -> Result<Self, RedisError> {
         let client = Client::open(ConnectionAddr::Tcp(host.to_owned(), port))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(timeout))
@@ -93,7 +105,6 @@ impl HitCounter {
             manager_config,
             manager: ArcSwap::from_pointee(manager),
             timeout,
-            metrics,
         });
         let (waiting, queue) = mpsc::unbounded_channel();
         tokio::spawn(send_in_batches(redis.clone(), queue));
@@ -106,7 +117,7 @@ impl HitCounter {
         let (reply, count) = oneshot::channel();
         // The batcher lives as long as any HitCounter: sending and answering cannot fail
         // unless it panicked, which is then an unavailable Redis to the visitor.
-        let gone = || StoreError::Unavailable("the Redis batcher stopped".to_owned());
+        let gone = || StoreError::unavailable("the Redis batcher stopped");
         self.waiting.send(reply).map_err(|_| gone())?;
         count.await.unwrap_or_else(|_| Err(gone()))
     }
@@ -115,10 +126,7 @@ impl HitCounter {
     pub async fn ping(&self) -> Result<(), StoreError> {
         let mut ping = redis::pipe();
         ping.cmd("PING");
-        self.redis
-            .query::<Vec<String>>("PING", 1, &ping)
-            .await
-            .map(drop)
+        self.redis.query::<Vec<String>>(&ping).await.map(drop)
     }
 }
 
@@ -138,7 +146,7 @@ impl Redis {
         for _ in &replies {
             pipe.cmd("INCR").arg(HITS_KEY);
         }
-        match self.query::<Vec<i64>>("INCR", replies.len(), &pipe).await {
+        match self.query::<Vec<i64>>(&pipe).await {
             Ok(counts) => {
                 for (reply, count) in replies.into_iter().zip(counts) {
                     // The visitor may have gone; the count stands.
@@ -153,37 +161,26 @@ impl Redis {
         }
     }
 
-    /// Sends `pipe` (`commands` commands named `name`), bounded by the timeout.
+    /// Sends `pipe`, bounded by the timeout.
     async fn query<T: redis::FromRedisValue>(
         &self,
-        name: &'static str,
-        commands: usize,
         pipe: &redis::Pipeline,
     ) -> Result<T, StoreError> {
         let current = self.manager.load_full();
         let mut manager = (*current).clone();
-        let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeout, pipe.query_async(&mut manager)).await
-        {
+        match tokio::time::timeout(self.timeout, pipe.query_async(&mut manager)).await {
             Ok(Ok(value)) => Ok(value),
             // Connection errors (refused, reset, connect timeout) already make the manager
             // reconnect; replacing it too would only open a second connection.
             Ok(Err(e)) => Err(classify(e)),
             Err(_elapsed) => {
                 self.replace(&current);
-                Err(StoreError::Unavailable(format!(
+                Err(StoreError::unavailable(format!(
                     "no answer within {} ms",
                     self.timeout.as_millis()
                 )))
             }
-        };
-        let error_kind = result.as_ref().err().map(|e| match e {
-            StoreError::Unavailable(_) => metrics::UNAVAILABLE,
-            StoreError::Corrupt(_) => metrics::CORRUPT,
-        });
-        self.metrics
-            .redis_commands(name, commands as u64, started.elapsed(), error_kind);
-        result
+        }
     }
 
     /// Swaps `stale` for a fresh manager, unless another batch already did.
@@ -221,9 +218,12 @@ fn classify(e: RedisError) -> StoreError {
             }
         })
     });
-    if corrupt {
-        StoreError::Corrupt(message)
-    } else {
-        StoreError::Unavailable(message)
+    StoreError {
+        kind: if corrupt {
+            ErrorKind::Corrupt
+        } else {
+            ErrorKind::Unavailable
+        },
+        detail: message,
     }
 }
