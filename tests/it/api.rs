@@ -2,11 +2,11 @@
 
 use std::collections::BTreeSet;
 
-use crate::common::{RedisServer, spawn_app};
+use crate::common::{RedisServer, http, spawn_app};
 
 #[tokio::test]
 async fn get_root_answers_the_exact_page_and_headers() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
 
     let response = app.get("/").await;
@@ -23,7 +23,7 @@ async fn get_root_answers_the_exact_page_and_headers() {
 
 #[tokio::test]
 async fn each_get_counts_exactly_one() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
 
     let mut seen = Vec::new();
@@ -37,7 +37,7 @@ async fn each_get_counts_exactly_one() {
 
 #[tokio::test]
 async fn the_count_continues_from_what_redis_holds() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     redis.run(&["SET", "hits", "41"]);
     let app = spawn_app(redis.port).await;
 
@@ -46,7 +46,7 @@ async fn the_count_continues_from_what_redis_holds() {
 
 #[tokio::test]
 async fn head_other_methods_and_unknown_paths_do_not_count() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
 
     let head = app.request("HEAD", "/").await;
@@ -71,11 +71,13 @@ async fn head_other_methods_and_unknown_paths_do_not_count() {
             .unwrap_or_default()
             .replace(' ', "");
         assert_eq!(allow, "GET,HEAD", "{method} /");
+        assert_eq!(response.header("cache-control"), Some("no-store"));
     }
     for path in ["/favicon.ico", "/robots.txt", "/index.html", "/hits"] {
         let response = app.get(path).await;
         assert_eq!(response.status, 404, "GET {path}");
         assert_eq!(response.body(), "Not Found");
+        assert_eq!(response.header("cache-control"), Some("no-store"));
     }
     for path in ["/livez", "/readyz", "/metrics"] {
         assert_eq!(app.get(path).await.status, 200, "GET {path}");
@@ -89,7 +91,7 @@ async fn head_other_methods_and_unknown_paths_do_not_count() {
 async fn concurrent_visitors_see_distinct_gapless_numbers() {
     const CLIENTS: usize = 8;
     const EACH: usize = 50;
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
     let port = app.port;
 
@@ -98,8 +100,7 @@ async fn concurrent_visitors_see_distinct_gapless_numbers() {
             tokio::spawn(async move {
                 let mut seen = Vec::with_capacity(EACH);
                 for _ in 0..EACH {
-                    let raw = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-                    let response = crate::common::send(port, raw).await;
+                    let response = http::get(port, "/").await.expect("an answer");
                     assert_eq!(response.status, 200);
                     seen.push(response.hits());
                 }
@@ -125,7 +126,7 @@ async fn concurrent_visitors_see_distinct_gapless_numbers() {
 
 #[tokio::test]
 async fn livez_and_readyz_answer_ok_when_redis_is_up() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
 
     let livez = app.get("/livez").await;

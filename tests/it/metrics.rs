@@ -1,18 +1,13 @@
 //! `GET /metrics`: names, types, and counters that move with real traffic and real failures.
 
-use crate::common::{RedisServer, spawn_app};
+use std::time::Duration;
 
-/// The value of the sample whose line starts with `series` (name and labels, exactly).
-fn sample(metrics: &str, series: &str) -> Option<f64> {
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-}
+use crate::common::http::metric as sample;
+use crate::common::{RedisServer, eventually, spawn_app};
 
 #[tokio::test]
 async fn metrics_export_every_family_and_scraping_counts_nothing() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
 
     let first = app.get("/metrics").await;
@@ -53,7 +48,7 @@ async fn metrics_export_every_family_and_scraping_counts_nothing() {
 
 #[tokio::test]
 async fn counters_move_with_page_views_and_redis_failures() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
 
     for _ in 0..3 {
@@ -65,9 +60,9 @@ async fn counters_move_with_page_views_and_redis_failures() {
     redis.kill();
     app.get("/").await;
     let down = app.get("/metrics").await.body();
-    redis.restart();
+    redis.restart().await;
     // The first command after the restart may find the old connection dead (one more 503).
-    let recovered = crate::common::eventually(std::time::Duration::from_secs(2), async || {
+    let recovered = eventually(Duration::from_secs(2), async || {
         app.get("/").await.status == 200
     })
     .await;
@@ -117,12 +112,14 @@ async fn counters_move_with_page_views_and_redis_failures() {
     assert_eq!(sample(&down, "redis_up"), Some(0.0));
 
     assert_eq!(sample(&back, ok), Some(4.0));
+    let unavailable = sample(&back, r#"redis_errors_total{kind="unavailable"}"#).unwrap();
     assert_eq!(
         sample(
             &back,
             r#"http_requests_total{route="/",method="GET",status="503"}"#
         ),
-        sample(&back, r#"redis_errors_total{kind="unavailable"}"#),
+        Some(unavailable),
+        "every 503 is one unavailable-Redis error"
     );
     assert_eq!(sample(&back, "redis_up"), Some(1.0));
     let incr_after = sample(

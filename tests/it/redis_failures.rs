@@ -20,7 +20,7 @@ fn assert_is_the_fixed_503(response: &crate::common::Response) {
 
 #[tokio::test]
 async fn redis_killed_gives_a_fast_503_while_livez_stays_up() {
-    let mut redis = RedisServer::start();
+    let mut redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
     assert_eq!(app.get("/").await.status, 200);
 
@@ -49,15 +49,16 @@ async fn redis_killed_gives_a_fast_503_while_livez_stays_up() {
 
 #[tokio::test]
 async fn the_service_recovers_by_itself_when_redis_restarts() {
-    let mut redis = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+    let mut redis =
+        RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
     let app = spawn_app(redis.port).await;
     for expected in 1..=3 {
         assert_eq!(app.get("/").await.hits(), expected);
     }
 
-    redis.stop();
+    redis.stop().await;
     assert_is_the_fixed_503(&app.get("/").await);
-    redis.restart();
+    redis.restart().await;
     let back = Instant::now();
     let recovered = eventually(RECOVERY, async || app.get("/").await.status == 200).await;
 
@@ -83,7 +84,7 @@ async fn the_service_starts_before_redis_and_serves_once_it_appears() {
     assert!(started.elapsed() < FAIL_FAST);
 
     let mut redis = RedisServer::not_started(port);
-    redis.restart();
+    redis.restart().await;
     let recovered = eventually(RECOVERY, async || app.get("/").await.status == 200).await;
 
     assert!(recovered.is_some(), "never served 200 after redis started");

@@ -2,24 +2,28 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RedisServer, ServiceProcess, accepts, send, spawn_app};
+use crate::common::{RedisServer, ServiceProcess, accepts, eventually, http, spawn_app};
 
-#[test]
-fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
-    let redis = RedisServer::start();
-    let mut service = ServiceProcess::with_redis(redis.port, &[("REDIS_TIMEOUT_MS", "5000")]);
+#[tokio::test]
+async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
+    let redis = RedisServer::start().await;
+    let mut service = ServiceProcess::with_redis(redis.port, &[("REDIS_TIMEOUT_MS", "5000")]).await;
     let port = service.port;
-    let runtime = tokio::runtime::Runtime::new().unwrap();
 
     // Arrange: Redis stalls for a second, so the next page view waits inside the service.
-    let sleeping = redis.in_background(&["DEBUG", "SLEEP", "1"]);
-    std::thread::sleep(Duration::from_millis(100));
-    let in_flight = runtime.spawn(async move {
-        let raw = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
-        let response = send(port, raw).await;
+    let sleeping = redis.asleep_for(1.0).await;
+    let in_flight = tokio::spawn(async move {
+        let response = http::get(port, "/").await;
         (response, Instant::now())
     });
-    std::thread::sleep(Duration::from_millis(200));
+    // The request is in the service once the service has a Redis command waiting.
+    let waiting = eventually(Duration::from_millis(500), async || {
+        let metrics = http::get(port, "/metrics").await.unwrap().body();
+        let open = http::metric(&metrics, "http_connections_open");
+        open.is_some_and(|open| open >= 2.0) // the page view and this scrape
+    })
+    .await;
+    assert!(waiting.is_some(), "the page view never reached the service");
     assert!(
         !in_flight.is_finished(),
         "the request must still be waiting on Redis"
@@ -28,10 +32,9 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     // Act: SIGTERM while it waits.
     let signalled = Instant::now();
     service.signal("TERM");
-    std::thread::sleep(Duration::from_millis(100));
-    let refused_while_draining = !accepts(port);
-    let (response, answered) = runtime.block_on(in_flight).unwrap();
-    let status = service.wait();
+    let refused = eventually(Duration::from_millis(500), async || !accepts(port).await).await;
+    let (response, answered) = in_flight.await.unwrap();
+    let status = service.wait().await;
     sleeping.join().unwrap();
 
     // Assert: it was in flight at the signal (sent before, answered after) and it completed.
@@ -39,10 +42,11 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         answered > signalled,
         "the answer came before the signal: nothing was in flight"
     );
+    let response = response.expect("the in-flight request was answered");
     assert_eq!(response.status, 200);
     assert_eq!(response.body(), "Hello World! 1 times.");
     assert!(
-        refused_while_draining,
+        refused.is_some(),
         "new connections were still accepted during the drain"
     );
     assert!(status.success(), "exit status {status:?}");
@@ -52,7 +56,7 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
     let shutdown_at = log.iter().position(|l| l.contains("shutdown requested"));
     let request_at = log
         .iter()
-        .position(|l| l.contains("request") && l.contains("status=200"));
+        .position(|l| l.contains(r#"path="/" status=200"#));
     assert!(
         shutdown_at.is_some() && request_at > shutdown_at,
         "the request was not logged as finishing after shutdown began:\n{}",
@@ -62,26 +66,24 @@ fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
 
 #[tokio::test]
 async fn readiness_turns_503_as_soon_as_shutdown_begins() {
-    let redis = RedisServer::start();
+    let redis = RedisServer::start().await;
     let app = spawn_app(redis.port).await;
     let port = app.port;
     assert_eq!(app.get("/readyz").await.status, 200);
 
     // A readiness probe waits on a stalled Redis while shutdown begins.
-    let sleeping = redis.in_background(&["DEBUG", "SLEEP", "0.5"]);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let probe = tokio::spawn(async move {
-        send(
-            port,
-            b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
-        )
-        .await
-    });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let sleeping = redis.asleep_for(0.5).await;
+    let probe = tokio::spawn(async move { http::get(port, "/readyz").await });
+    let waiting = eventually(Duration::from_millis(300), async || {
+        let metrics = app.get("/metrics").await.body();
+        http::metric(&metrics, "http_connections_open").is_some_and(|open| open >= 2.0)
+    })
+    .await;
+    assert!(waiting.is_some(), "the probe never reached the service");
     assert!(!probe.is_finished());
     app.shutdown().await;
 
-    let response = probe.await.unwrap();
+    let response = probe.await.unwrap().expect("the probe was answered");
     tokio::task::spawn_blocking(move || sleeping.join().unwrap())
         .await
         .unwrap();
@@ -89,5 +91,5 @@ async fn readiness_turns_503_as_soon_as_shutdown_begins() {
         (response.status, response.body().as_str()),
         (503, r#"{"status":"unavailable","reason":"shutting down"}"#)
     );
-    assert!(!accepts(port), "the listener is closed");
+    assert!(!accepts(port).await, "the listener is closed");
 }

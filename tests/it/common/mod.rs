@@ -1,18 +1,23 @@
-//! Test harness: a real `redis-server` per test, the real service on a free port, and a raw
-//! HTTP/1.1 client (raw, so tests see the exact bytes and can send malformed ones).
+//! Test harness: a real `redis-server` per test, the service on a free port (in this process,
+//! or the built binary), the one HTTP client ([`http`]), the one polling helper
+//! ([`eventually`]) and the load generator of the end-to-end tests ([`load`]).
 
 #![allow(dead_code)] // Each test module uses a different part of the harness.
 
-use std::net::{TcpListener, TcpStream};
+pub mod http;
+pub mod load;
+
+use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use hit_counter::{App, Config};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+
+pub use http::Response;
 
 /// A port nobody listens on right now (the OS picked it, and we let it go).
 pub fn free_port() -> u16 {
@@ -29,13 +34,33 @@ pub async fn eventually(
     mut check: impl AsyncFnMut() -> bool,
 ) -> Option<Duration> {
     let started = Instant::now();
-    while started.elapsed() < within {
+    loop {
         if check().await {
             return Some(started.elapsed());
         }
+        if started.elapsed() >= within {
+            return None;
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    None
+}
+
+/// Is something accepting connections on 127.0.0.1:`port`?
+pub async fn accepts(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_ok()
+}
+
+/// Waits for `child` to exit, at most `within`.
+pub async fn exited(child: &mut Child, within: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    eventually(within, async || {
+        status = child.try_wait().unwrap();
+        status.is_some()
+    })
+    .await;
+    status
 }
 
 /// A throwaway `redis-server` on 127.0.0.1, killed on drop; its log is printed if the test
@@ -49,20 +74,15 @@ pub struct RedisServer {
 
 impl RedisServer {
     /// Starts on a free port, without persistence.
-    pub fn start() -> Self {
-        Self::start_with(&[])
+    pub async fn start() -> Self {
+        Self::start_with(&[]).await
     }
 
     /// Starts on a free port with extra `redis-server` arguments (e.g. `--appendonly yes`).
-    pub fn start_with(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = Self {
-            port: free_port(),
-            dir,
-            child: None,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
-        };
-        server.restart();
+    pub async fn start_with(extra: &[&str]) -> Self {
+        let mut server = Self::not_started(free_port());
+        server.extra = extra.iter().map(|s| s.to_string()).collect();
+        server.restart().await;
         server
     }
 
@@ -82,32 +102,27 @@ impl RedisServer {
 
     /// (Re)starts the server on the same port, with the same data directory, and waits until
     /// it answers PING.
-    pub fn restart(&mut self) {
+    pub async fn restart(&mut self) {
         self.spawn();
-        let started = Instant::now();
-        while !self.ping() {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "redis-server did not start on port {}",
-                self.port
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let up = eventually(Duration::from_secs(5), async || self.ping()).await;
+        assert!(
+            up.is_some(),
+            "redis-server did not start on port {}",
+            self.port
+        );
     }
 
     /// Restarts with `extra` arguments replacing the previous ones, and returns as soon as the
     /// port accepts connections (Redis may still be loading its data).
-    pub fn restart_unready(&mut self, extra: &[&str]) {
+    pub async fn restart_unready(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
         self.spawn();
-        let started = Instant::now();
-        while !accepts(self.port) {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "redis-server did not start"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let up = eventually(Duration::from_secs(5), async || accepts(self.port).await).await;
+        assert!(
+            up.is_some(),
+            "redis-server did not start on port {}",
+            self.port
+        );
     }
 
     fn spawn(&mut self) {
@@ -144,10 +159,11 @@ impl RedisServer {
     }
 
     /// SIGTERM, and wait for the server to exit (it writes its AOF first).
-    pub fn stop(&mut self) {
+    pub async fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             signal(child.id(), "TERM");
-            let _ = child.wait();
+            let status = exited(&mut child, Duration::from_secs(10)).await;
+            assert!(status.is_some(), "redis-server ignored SIGTERM");
         }
     }
 
@@ -168,17 +184,33 @@ impl RedisServer {
     }
 
     /// Runs one command (e.g. `["CONFIG", "SET", "maxmemory", "1"]`), which must succeed.
-    pub fn run(&self, args: &[&str]) {
-        let _: redis::Value = command(args).query(&mut self.conn()).unwrap();
+    pub fn run(&self, args: &[&str]) -> redis::Value {
+        command(args).query(&mut self.conn()).unwrap()
     }
 
-    /// Runs a command that blocks Redis (e.g. `DEBUG SLEEP`) on its own thread.
-    pub fn in_background(&self, args: &[&str]) -> std::thread::JoinHandle<()> {
+    /// Puts Redis to sleep (`DEBUG SLEEP`) for `seconds`, from a thread of its own, and
+    /// returns once Redis has stopped answering. Join the handle to wait for it to wake.
+    pub async fn asleep_for(&self, seconds: f64) -> std::thread::JoinHandle<()> {
         let mut conn = self.conn();
-        let cmd = command(args);
-        std::thread::spawn(move || {
-            let _: redis::Value = cmd.query(&mut conn).unwrap();
+        let sleeping = std::thread::spawn(move || {
+            let _: redis::Value = command(&["DEBUG", "SLEEP", &seconds.to_string()])
+                .query(&mut conn)
+                .unwrap();
+        });
+        let port = self.port;
+        let asleep = eventually(Duration::from_secs(2), async || {
+            // A PING on a fresh connection that gets no answer within 50 ms.
+            let ping = tokio::task::spawn_blocking(move || {
+                let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+                stream.set_read_timeout(Some(Duration::from_millis(50)))?;
+                std::io::Write::write_all(&mut stream, b"PING\r\n")?;
+                std::io::Read::read(&mut stream, &mut [0u8; 16])
+            });
+            ping.await.unwrap().is_err()
         })
+        .await;
+        assert!(asleep.is_some(), "Redis never went to sleep");
+        sleeping
     }
 }
 
@@ -265,9 +297,9 @@ impl TestApp {
     }
 
     pub async fn request(&self, method: &str, path: &str) -> Response {
-        let raw =
-            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        send(self.port, raw.as_bytes()).await
+        http::request(self.port, method, path)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// Begins a graceful shutdown and waits for it to finish.
@@ -283,83 +315,6 @@ impl Drop for TestApp {
             let _ = stop.send(());
         }
     }
-}
-
-/// A parsed HTTP/1.1 response; `raw_body` is exactly what came after the head.
-#[derive(Debug)]
-pub struct Response {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub raw_body: Vec<u8>,
-}
-
-impl Response {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn body(&self) -> String {
-        String::from_utf8(self.raw_body.clone()).unwrap()
-    }
-
-    /// N from `Hello World! N times.`
-    pub fn hits(&self) -> i64 {
-        let body = self.body();
-        body.strip_prefix("Hello World! ")
-            .and_then(|rest| rest.strip_suffix(" times."))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or_else(|| panic!("not a hit page: {body:?}"))
-    }
-}
-
-/// Writes `raw` to 127.0.0.1:`port` and reads until the server closes (requests should say
-/// `Connection: close`). Panics after 10 s.
-pub async fn send(port: u16, raw: &[u8]) -> Response {
-    let bytes = tokio::time::timeout(Duration::from_secs(10), send_raw(port, raw))
-        .await
-        .expect("no complete answer within 10 s")
-        .expect("the exchange failed");
-    parse(&bytes).unwrap_or_else(|| {
-        panic!(
-            "not an HTTP response: {:?}",
-            String::from_utf8_lossy(&bytes)
-        )
-    })
-}
-
-/// Writes `raw`, then reads everything until EOF.
-pub async fn send_raw(port: u16, raw: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(raw).await?;
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).await?;
-    Ok(bytes)
-}
-
-/// Parses one response (head and the rest as body).
-pub fn parse(bytes: &[u8]) -> Option<Response> {
-    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&bytes[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next()?;
-    let status = status_line.split(' ').nth(1)?.parse().ok()?;
-    let headers = lines
-        .filter_map(|line| line.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect();
-    Some(Response {
-        status,
-        headers,
-        raw_body: bytes[end + 4..].to_vec(),
-    })
-}
-
-/// Is something accepting connections on 127.0.0.1:`port`?
-pub fn accepts(port: u16) -> bool {
-    TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok()
 }
 
 /// The `hit-counter` binary under test: the one cargo built for these tests, or the one
@@ -384,7 +339,7 @@ pub struct ServiceProcess {
 
 impl ServiceProcess {
     /// Starts the binary and waits until it accepts connections.
-    pub fn start(vars: &[(&str, &str)]) -> Self {
+    pub async fn start(vars: &[(&str, &str)]) -> Self {
         let port = free_port();
         let log = tempfile::NamedTempFile::new().unwrap();
         let child = binary()
@@ -395,23 +350,17 @@ impl ServiceProcess {
             .spawn()
             .unwrap();
         let service = Self { port, child, log };
-        let started = Instant::now();
-        while !accepts(port) {
-            assert!(
-                started.elapsed() < Duration::from_secs(5),
-                "the service did not start"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let up = eventually(Duration::from_secs(5), async || accepts(port).await).await;
+        assert!(up.is_some(), "the service did not start");
         service
     }
 
     /// Starts the binary against the Redis on 127.0.0.1:`redis_port`, with `extra` settings.
-    pub fn with_redis(redis_port: u16, extra: &[(&str, &str)]) -> Self {
+    pub async fn with_redis(redis_port: u16, extra: &[(&str, &str)]) -> Self {
         let port = redis_port.to_string();
         let mut vars = vec![("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", port.as_str())];
         vars.extend_from_slice(extra);
-        Self::start(&vars)
+        Self::start(&vars).await
     }
 
     pub fn pid(&self) -> u32 {
@@ -441,15 +390,17 @@ impl ServiceProcess {
         signal(self.pid(), name);
     }
 
-    /// Waits for the service to exit.
-    pub fn wait(&mut self) -> std::process::ExitStatus {
-        self.child.wait().unwrap()
+    /// Waits for the service to exit (at most 20 s: longer than the default drain).
+    pub async fn wait(&mut self) -> ExitStatus {
+        exited(&mut self.child, Duration::from_secs(20))
+            .await
+            .expect("the service did not exit")
     }
 
     /// SIGTERM, then wait for the exit.
-    pub fn terminate(&mut self) -> std::process::ExitStatus {
+    pub async fn terminate(&mut self) -> ExitStatus {
         self.signal("TERM");
-        self.wait()
+        self.wait().await
     }
 
     /// Everything the service logged so far (complete once it has exited).
@@ -507,18 +458,4 @@ impl Rng {
     pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
         &items[self.below(items.len() as u64) as usize]
     }
-}
-
-/// `GET path` with `Connection: close`, blocking, for tests that drive the binary from threads.
-pub fn blocking_get(port: u16, path: &str) -> Option<Response> {
-    use std::io::{Read, Write};
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).ok()?;
-    let mut bytes = Vec::new();
-    stream.read_to_end(&mut bytes).ok()?;
-    parse(&bytes)
 }

@@ -1,0 +1,133 @@
+//! The tests' one HTTP/1.1 client. Raw, so a test sees the exact bytes the service sent and can
+//! send malformed ones; and the parsers of what the service answers (the page, the metrics).
+
+use std::io;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// The longest any exchange may take before it counts as no answer.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A parsed response; `raw_body` is exactly what came after the head.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub raw_body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body(&self) -> String {
+        String::from_utf8(self.raw_body.clone()).unwrap()
+    }
+
+    /// N from `Hello World! N times.`; panics on any other body.
+    pub fn hits(&self) -> i64 {
+        hits_in(&self.raw_body).unwrap_or_else(|| {
+            panic!(
+                "not a hit page: {:?}",
+                String::from_utf8_lossy(&self.raw_body)
+            )
+        })
+    }
+}
+
+/// N from a `Hello World! N times.` body, the page's one parser.
+pub fn hits_in(body: &[u8]) -> Option<i64> {
+    std::str::from_utf8(body)
+        .ok()?
+        .strip_prefix("Hello World! ")?
+        .strip_suffix(" times.")?
+        .parse()
+        .ok()
+}
+
+/// The value of the sample whose line starts with `series` (name and labels, exactly): the
+/// metrics' one parser.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+/// `GET path` on its own connection (`Connection: close`).
+pub async fn get(port: u16, path: &str) -> io::Result<Response> {
+    request(port, "GET", path).await
+}
+
+/// `method path` on its own connection (`Connection: close`).
+pub async fn request(port: u16, method: &str, path: &str) -> io::Result<Response> {
+    let raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    send(port, raw.as_bytes()).await
+}
+
+/// Writes `raw` to 127.0.0.1:`port` and reads one response: up to its `Content-Length`, or
+/// until the server closes. No complete response (the server hung up first, or took longer
+/// than 10 s) is an error.
+pub async fn send(port: u16, raw: &[u8]) -> io::Result<Response> {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(port, raw))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+async fn exchange(port: u16, raw: &[u8]) -> io::Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    // A server may answer and close before reading everything (431, 400): read its answer
+    // anyway, and report the write error only if there is none.
+    let written = stream.write_all(raw).await;
+    let mut bytes = Vec::with_capacity(256);
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(response) = parse(&bytes).filter(complete) {
+            return Ok(response);
+        }
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => bytes.extend_from_slice(&buf[..n]),
+        }
+    }
+    match parse(&bytes) {
+        Some(response) => Ok(response),
+        None => Err(written.err().unwrap_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("no HTTP response: {:?}", String::from_utf8_lossy(&bytes)),
+            )
+        })),
+    }
+}
+
+/// Has the whole body arrived? Only knowable with a `Content-Length`; otherwise the end of
+/// the connection says so.
+fn complete(response: &Response) -> bool {
+    response
+        .header("content-length")
+        .and_then(|n| n.parse::<usize>().ok())
+        .is_some_and(|n| response.raw_body.len() >= n)
+}
+
+/// Parses one response (head, and the rest as body).
+pub fn parse(bytes: &[u8]) -> Option<Response> {
+    let end = bytes.windows(4).position(|w| w == b"\r\n\r\n")?;
+    let head = std::str::from_utf8(&bytes[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Some(Response {
+        status,
+        headers,
+        raw_body: bytes[end + 4..].to_vec(),
+    })
+}

@@ -1,0 +1,148 @@
+//! The end-to-end tests' load generator: [`CLIENTS`] concurrent clients sending `GET /`, one
+//! connection per request, recording every outcome; and the tally each scenario checks.
+//!
+//! One connection per request: what a proxy does to its idle client connections (an nginx
+//! reload closes them) is then never mistaken for a failure of the service behind it.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+
+use super::http;
+
+pub const CLIENTS: usize = 16;
+
+/// One request's outcome: `status` 0 means no response at all.
+#[derive(Clone, Debug)]
+pub struct Seen {
+    pub status: u16,
+    pub hits: Option<i64>,
+    pub latency: Duration,
+}
+
+/// A load running in the background until [`stop`](Self::stop)ped, `max_requests` were
+/// sent, or `max_time` passed.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    clients: Vec<JoinHandle<Vec<Seen>>>,
+}
+
+impl Load {
+    pub fn start(port: u16, max_requests: usize, max_time: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + max_time;
+        let clients = (0..CLIENTS)
+            .map(|_| {
+                let (stop, sent) = (stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let mut seen = Vec::new();
+                    while !stop.load(Ordering::Relaxed)
+                        && Instant::now() < deadline
+                        && sent.fetch_add(1, Ordering::Relaxed) < max_requests
+                    {
+                        let started = Instant::now();
+                        let response = http::get(port, "/").await.ok();
+                        seen.push(Seen {
+                            status: response.as_ref().map_or(0, |r| r.status),
+                            hits: response.and_then(|r| http::hits_in(&r.raw_body)),
+                            latency: started.elapsed(),
+                        });
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    /// Runs until `max_requests` were sent or `max_time` passed.
+    pub async fn run(port: u16, max_requests: usize, max_time: Duration) -> Vec<Seen> {
+        Self::start(port, max_requests, max_time)
+            .stop_when_done()
+            .await
+    }
+
+    /// Stops the clients now and returns every outcome.
+    pub async fn stop(self) -> Vec<Seen> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.stop_when_done().await
+    }
+
+    async fn stop_when_done(self) -> Vec<Seen> {
+        let mut seen = Vec::new();
+        for client in self.clients {
+            seen.extend(client.await.unwrap());
+        }
+        seen
+    }
+}
+
+/// Runs `during` while a load runs: half a second of load before and after it, so the event
+/// happens under way and its aftermath is measured too.
+pub async fn under_load(
+    port: u16,
+    max_requests: usize,
+    max_time: Duration,
+    during: impl Future<Output = ()>,
+) -> Vec<Seen> {
+    let load = Load::start(port, max_requests, max_time);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    during.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    load.stop().await
+}
+
+/// What a scenario saw, summed up.
+pub struct Tally {
+    pub requests: usize,
+    pub ok: usize,
+    pub unavailable: usize,
+    pub other: usize,
+    pub max_latency: Duration,
+    pub max_failure_latency: Duration,
+    /// The numbers the `200`s carried: checked distinct.
+    pub numbers: BTreeSet<i64>,
+}
+
+impl Tally {
+    pub fn of(seen: &[Seen]) -> Self {
+        let ok: Vec<&Seen> = seen.iter().filter(|s| s.status == 200).collect();
+        let numbers: BTreeSet<i64> = ok.iter().filter_map(|s| s.hits).collect();
+        assert_eq!(numbers.len(), ok.len(), "two 200s carried the same number");
+        Self {
+            requests: seen.len(),
+            ok: ok.len(),
+            unavailable: seen.iter().filter(|s| s.status == 503).count(),
+            other: seen
+                .iter()
+                .filter(|s| s.status != 200 && s.status != 503)
+                .count(),
+            max_latency: seen.iter().map(|s| s.latency).max().unwrap_or_default(),
+            max_failure_latency: seen
+                .iter()
+                .filter(|s| s.status != 200)
+                .map(|s| s.latency)
+                .max()
+                .unwrap_or_default(),
+            numbers,
+        }
+    }
+
+    /// Prints the table head and this scenario's row (`count`: what Redis' count grew by).
+    pub fn print(&self, scenario: &str, count: i64) {
+        println!(
+            "\n| scenario         | requests |    200s |  503s | other |  max lat.  | hits (Δ)    |"
+        );
+        println!(
+            "|------------------|---------:|--------:|------:|------:|-----------:|------------:|"
+        );
+        println!(
+            "| {scenario:<16} | {:>8} | {:>7} | {:>5} | {:>5} | {:>10.1?} | {:>11} |",
+            self.requests, self.ok, self.unavailable, self.other, self.max_latency, count
+        );
+    }
+}
