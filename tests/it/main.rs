@@ -11,3 +11,4 @@ mod misbehaving_redis;
 mod redis_failures;
 mod scale_out;
 mod shutdown;
+mod store;
