@@ -170,9 +170,10 @@ impl Env<'_> {
     }
 }
 
-/// Strict decimal: no sign, no spaces, no `0x`, at least one digit.
+/// Strict decimal: digits only (no sign, no spaces, no `0x`); empty or too large is `None`.
 fn parse_decimal(value: &str) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.bytes().all(|b| b.is_ascii_digit()) {
+    // `u64::from_str` alone would accept a leading `+`.
+    if !value.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     value.parse().ok()
@@ -318,6 +319,13 @@ mod tests {
                 "{bad:?} was accepted"
             );
         }
+    }
+
+    #[test]
+    fn both_log_formats_are_accepted() {
+        let format = |value| config(&[("LOG_FORMAT", value)]).unwrap().log_format;
+        assert_eq!(format("text"), LogFormat::Text);
+        assert_eq!(format("json"), LogFormat::Json);
     }
 
     #[test]

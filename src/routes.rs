@@ -227,13 +227,5 @@ fn method_label(method: &Method) -> &'static str {
 }
 
 fn truncated(path: &str) -> &str {
-    if path.len() <= LOGGED_PATH_MAX {
-        return path;
-    }
-    // Paths are ASCII once parsed, but stay safe on a char boundary anyway.
-    let mut end = LOGGED_PATH_MAX;
-    while !path.is_char_boundary(end) {
-        end -= 1;
-    }
-    &path[..end]
+    &path[..path.floor_char_boundary(LOGGED_PATH_MAX)]
 }

@@ -151,22 +151,14 @@ pub async fn serve(
     }
 }
 
-/// Tells a connection over the cap that we are overloaded, then closes it. The request is
-/// read (and thrown away) for a moment so the close does not reset the connection before the
-/// client has read the 503.
+/// Tells a connection over the cap that we are overloaded, then closes it.
 async fn reject(mut stream: TcpStream) {
     let answer = async {
         stream.write_all(OVERLOADED).await?;
         stream.shutdown().await?;
-        let mut sink = [0u8; 1024];
-        let mut budget = 64 * 1024;
-        while budget > 0 {
-            match tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await? {
-                0 => break,
-                n => budget -= n.min(budget),
-            }
-        }
-        Ok::<_, io::Error>(())
+        // Read (and drop) what the client still sends until it closes too: closing with unread
+        // data would reset the connection, and on a real network a reset can overtake the 503.
+        tokio::io::copy(&mut stream, &mut tokio::io::sink()).await
     };
     let _ = tokio::time::timeout(REJECT_LINGER, answer).await;
 }
@@ -226,7 +218,8 @@ impl Drop for Busy {
     }
 }
 
-/// A socket that records activity on every byte it moves.
+/// A socket that records activity on every byte it moves. Not vectored: hyper then gathers each
+/// response (head and body) into one buffer and writes it with one `poll_write`.
 struct Tracked {
     inner: TcpStream,
     activity: Arc<Activity>,
@@ -258,22 +251,6 @@ impl AsyncWrite for Tracked {
             self.activity.touch();
         }
         poll
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
-            self.activity.touch();
-        }
-        poll
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -164,6 +164,11 @@ async fn json_logs_are_one_object_per_line_with_the_request_fields() {
     let redis = RedisServer::start().await;
     let mut service = ServiceProcess::with_redis(redis.port, &[("LOG_FORMAT", "json")]).await;
     assert_eq!(http::get(service.port, "/").await.unwrap().status, 200);
+    let scanner_path = format!("/{}", "a".repeat(300));
+    assert_eq!(
+        http::get(service.port, &scanner_path).await.unwrap().status,
+        404
+    );
     assert!(service.terminate().await.success());
 
     let lines: Vec<serde_json::Value> = service
@@ -177,6 +182,7 @@ async fn json_logs_are_one_object_per_line_with_the_request_fields() {
         .collect();
     assert_eq!(startup.len(), 1, "the configuration is logged once");
     assert_eq!(startup[0]["redis"], format!("127.0.0.1:{}", redis.port));
+    assert_eq!(startup[0]["log_format"], "json");
     let request = lines
         .iter()
         .find(|l| l["message"] == "request")
@@ -185,6 +191,15 @@ async fn json_logs_are_one_object_per_line_with_the_request_fields() {
     assert_eq!(request["path"], "/");
     assert_eq!(request["status"], 200);
     assert!(request["latency_us"].is_u64());
+    let long = lines
+        .iter()
+        .find(|l| l["message"] == "request" && l["status"] == 404)
+        .expect("the long path's line");
+    assert_eq!(
+        long["path"],
+        scanner_path[..200],
+        "long paths are cut to 200 bytes in the log"
+    );
     assert_eq!(
         lines.last().unwrap()["message"],
         "stopped",

@@ -227,6 +227,33 @@ async fn a_slowloris_client_is_cut_off_after_the_header_read_timeout() {
     assert_eq!(redis.hits(), None);
 }
 
+#[tokio::test]
+async fn a_slow_but_steady_client_is_not_mistaken_for_an_idle_one() {
+    let redis = RedisServer::start().await;
+    let mut config = test_config(redis.port);
+    config.idle_timeout = Duration::from_millis(300);
+    let app = spawn_app_with(config).await;
+    let port = app.port;
+
+    // Four bytes of the head every 100 ms, for about 1.5 s: never 300 ms without a byte.
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let head = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Slow: aaaa\r\n\r\n";
+        for piece in head.chunks(4) {
+            stream.write_all(piece).unwrap();
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let mut bytes = Vec::new();
+        stream.read_to_end(&mut bytes).unwrap();
+        parse(&bytes)
+    })
+    .await
+    .unwrap();
+
+    let response = answer.expect("the slow client was cut off");
+    assert_eq!(response.hits(), 1);
+}
+
 /// `http_connections_open` as the service reports it (the scrape's own connection included).
 async fn open_connections(port: u16) -> f64 {
     let metrics = http::get(port, "/metrics").await.unwrap().body();

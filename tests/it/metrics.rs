@@ -55,6 +55,9 @@ async fn counters_move_with_page_views_and_redis_failures() {
         app.get("/").await;
     }
     app.request("HEAD", "/").await;
+    for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"] {
+        assert_eq!(app.request(method, "/").await.status, 405, "{method}");
+    }
     app.get("/nope").await;
     let up = app.get("/metrics").await.body();
     redis.kill();
@@ -85,9 +88,20 @@ async fn counters_move_with_page_views_and_redis_failures() {
         ),
         Some(1.0)
     );
+    for method in ["POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+        let series = format!(r#"http_requests_total{{route="/",method="{method}",status="405"}}"#);
+        assert_eq!(sample(&up, &series), Some(1.0), "{method}");
+    }
+    let unusual = r#"http_requests_total{route="/",method="other",status="405"}"#;
+    assert_eq!(
+        sample(&up, unusual),
+        Some(1.0),
+        "any other method is one series"
+    );
     assert_eq!(
         sample(&up, r#"http_request_duration_seconds_count{route="/"}"#),
-        Some(4.0)
+        Some(10.0),
+        "3 GET, 1 HEAD, 6 refused methods"
     );
     assert_eq!(
         sample(
