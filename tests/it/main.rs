@@ -5,6 +5,7 @@ mod common;
 
 mod api;
 mod cli;
+mod compose;
 mod hostile;
 mod metrics;
 mod misbehaving_redis;

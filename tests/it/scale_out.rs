@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::common::load::{Load, Tally, under_load};
-use crate::common::{RedisServer, ServiceProcess, accepts, eventually, free_port, http, signal};
+use crate::common::{
+    RedisServer, ServiceProcess, accepts, eventually, free_port, haproxy_retried, http, signal,
+};
 
 fn repository_file(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -76,15 +78,11 @@ impl Haproxy {
         );
     }
 
-    /// Requests HAProxy sent more than once (the retries field of each log line is not 0):
-    /// every request that may have been counted twice is among them.
+    /// Requests HAProxy sent more than once, from its access log.
     fn retried(&self) -> usize {
-        let log = std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default();
-        log.lines()
-            .filter(|line| line.contains("\"GET "))
-            .filter_map(|line| line.split(' ').nth(10))
-            .filter(|counters| counters.rsplit('/').next().is_some_and(|r| r != "0"))
-            .count()
+        haproxy_retried(
+            &std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default(),
+        )
     }
 
     fn master_log(&self) -> String {

@@ -1,8 +1,8 @@
 //! The end-to-end tests' load generator: [`CLIENTS`] concurrent clients sending `GET /`, one
 //! connection per request, recording every outcome; and the tally each scenario checks.
 //!
-//! One connection per request: what a proxy does to its idle client connections (an nginx
-//! reload closes them) is then never mistaken for a failure of the service behind it.
+//! One connection per request: what a proxy does to its idle client connections (a reload
+//! closes them) is then never mistaken for a failure of the service behind it.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -21,6 +21,8 @@ pub struct Seen {
     pub status: u16,
     pub hits: Option<i64>,
     pub latency: Duration,
+    /// The response said when to retry (`Retry-After`).
+    pub retry_after: bool,
 }
 
 /// A load running in the background until [`stop`](Self::stop)ped, `max_requests` were
@@ -48,6 +50,9 @@ impl Load {
                         let response = http::get(port, "/").await.ok();
                         seen.push(Seen {
                             status: response.as_ref().map_or(0, |r| r.status),
+                            retry_after: response
+                                .as_ref()
+                                .is_some_and(|r| r.header("retry-after").is_some()),
                             hits: response.and_then(|r| http::hits_in(&r.raw_body)),
                             latency: started.elapsed(),
                         });
@@ -101,6 +106,8 @@ pub struct Tally {
     pub requests: usize,
     pub ok: usize,
     pub unavailable: usize,
+    /// `503`s without `Retry-After`.
+    pub unavailable_without_retry_after: usize,
     pub other: usize,
     pub max_latency: Duration,
     pub max_failure_latency: Duration,
@@ -117,6 +124,10 @@ impl Tally {
             requests: seen.len(),
             ok: ok.len(),
             unavailable: seen.iter().filter(|s| s.status == 503).count(),
+            unavailable_without_retry_after: seen
+                .iter()
+                .filter(|s| s.status == 503 && !s.retry_after)
+                .count(),
             other: seen
                 .iter()
                 .filter(|s| s.status != 200 && s.status != 503)

@@ -435,6 +435,16 @@ pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
 }
 
+/// Requests an HAProxy access log (its default HTTP format) shows as sent more than once: the
+/// retries field is not 0. Every request that may have counted twice is among them.
+pub fn haproxy_retried(log: &str) -> usize {
+    log.lines()
+        .filter(|line| line.contains("\"GET "))
+        .filter_map(|line| line.split(' ').nth(10))
+        .filter(|counters| counters.rsplit('/').next().is_some_and(|r| r != "0"))
+        .count()
+}
+
 /// A tiny deterministic PRNG (xorshift64*), so generated inputs are the same on every run.
 pub struct Rng(u64);
 

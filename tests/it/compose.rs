@@ -1,0 +1,634 @@
+//! The stack in a real container engine, end to end: the repository's docker-compose.yml with
+//! the stand-in images (deploy/standin/compose.yml) and the proxy published on a free
+//! 127.0.0.1 port, nothing else changed. One test per scenario, each on a compose project of
+//! its own that is removed afterwards (containers, network, volume, image), failed or not.
+//!
+//! They need a Docker engine, Compose and the stand-ins (`scripts/images`), so a plain
+//! `cargo test` skips them (`#[ignore]`); `scripts/test` runs them one at a time when an engine
+//! answers. Traffic goes only to the proxy's port on 127.0.0.1. Each prints its row of the
+//! README's table (run with --nocapture to see it).
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::common::load::{Load, Tally, under_load};
+use crate::common::{eventually, free_port, haproxy_retried, http};
+
+const REPLICAS: usize = 3;
+
+fn repository() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// How to run Compose: `COMPOSE` if set (e.g. `docker compose`), else the Compose that
+/// scripts/test installs into .ci/venv, else the docker CLI plugin.
+fn compose_command() -> Vec<String> {
+    if let Ok(command) = std::env::var("COMPOSE") {
+        return command.split_whitespace().map(str::to_owned).collect();
+    }
+    let venv = repository().join(".ci/venv/bin/docker-compose");
+    if venv.exists() {
+        vec![venv.display().to_string()]
+    } else {
+        vec!["docker".to_owned(), "compose".to_owned()]
+    }
+}
+
+/// Runs a command to completion without blocking the runtime (the load keeps going).
+async fn run(program: &str, args: &[String]) -> std::process::Output {
+    tokio::process::Command::new(program)
+        .args(args)
+        .current_dir(repository())
+        .output()
+        .await
+        .unwrap_or_else(|e| panic!("{program}: {e}"))
+}
+
+/// `docker <args>`, which must succeed; its stdout, trimmed.
+async fn docker(args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let out = run("docker", &args).await;
+    assert!(
+        out.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+async fn inspect(id: &str, format: &str) -> String {
+    docker(&["inspect", "-f", format, id]).await
+}
+
+/// One compose project: the stack as the README runs it, with the stand-ins and the proxy on a
+/// free loopback port. `down -v --rmi local` on drop.
+struct Stack {
+    project: String,
+    port: u16,
+    /// Compose and its options (`-p`, every `-f`), for any subcommand.
+    compose: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl Stack {
+    /// `up -d --build --scale web=N --wait` on a project named after the scenario.
+    async fn up(scenario: &str, replicas: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let published = dir.path().join("published.yml");
+        std::fs::write(
+            &published,
+            format!(
+                "services:\n  proxy:\n    ports: !override\n      - \"127.0.0.1:{port}:5000\"\n"
+            ),
+        )
+        .unwrap();
+        let project = format!("hc-e2e-{scenario}");
+        let mut compose = compose_command();
+        compose.extend(["-p", &project, "-f", "docker-compose.yml", "-f"].map(str::to_owned));
+        compose.push("deploy/standin/compose.yml".to_owned());
+        compose.extend(["-f".to_owned(), published.display().to_string()]);
+        let stack = Self {
+            project,
+            port,
+            compose,
+            _dir: dir,
+        };
+        let scale = format!("web={replicas}");
+        stack
+            .ok(&["up", "-d", "--build", "--scale", &scale, "--wait"])
+            .await;
+        stack
+    }
+
+    /// Runs `compose <args>` for this project; it must succeed. Its stdout, trimmed.
+    async fn ok(&self, args: &[&str]) -> String {
+        let mut all = self.compose[1..].to_vec();
+        all.extend(args.iter().map(|a| a.to_string()));
+        let out = run(&self.compose[0], &all).await;
+        assert!(
+            out.status.success(),
+            "compose {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The ids of a service's running containers.
+    async fn ids(&self, service: &str) -> BTreeSet<String> {
+        let out = self.ok(&["ps", "-q", service]).await;
+        out.lines().map(str::to_owned).collect()
+    }
+
+    async fn one(&self, service: &str) -> String {
+        self.ids(service)
+            .await
+            .pop_first()
+            .expect("a running container")
+    }
+
+    /// Redis' `hits`, read inside the Redis container (its port is not published).
+    async fn hits(&self) -> i64 {
+        let out = self
+            .ok(&["exec", "-T", "redis", "redis-cli", "GET", "hits"])
+            .await;
+        out.parse().unwrap_or(0)
+    }
+
+    /// Exit codes of this project's containers that stopped since `since` (RFC 3339).
+    async fn exits_since(&self, since: &str) -> Vec<(String, String)> {
+        let label = format!("label=com.docker.compose.project={}", self.project);
+        let until = docker(&["info", "-f", "{{.SystemTime}}"]).await;
+        let events = docker(&[
+            "events",
+            "--since",
+            since,
+            "--until",
+            &until,
+            "--filter",
+            &label,
+            "--filter",
+            "event=die",
+            "--format",
+            "{{.Actor.Attributes.name}} {{.Actor.Attributes.exitCode}}",
+        ])
+        .await;
+        events
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .map(|(name, code)| (name.to_owned(), code.to_owned()))
+            .collect()
+    }
+
+    /// The proxy's access log.
+    async fn proxy_log(&self) -> String {
+        self.ok(&["logs", "--no-log-prefix", "proxy"]).await
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // Containers, network, volume and this project's image, whether the test passed or not.
+        let mut args = self.compose[1..].to_vec();
+        args.extend(
+            [
+                "down",
+                "-v",
+                "--rmi",
+                "local",
+                "--remove-orphans",
+                "-t",
+                "20",
+            ]
+            .map(str::to_owned),
+        );
+        let _ = std::process::Command::new(&self.compose[0])
+            .args(args)
+            .current_dir(repository())
+            .output();
+    }
+}
+
+/// The engine's clock, for `docker events --since`.
+async fn engine_now() -> String {
+    docker(&["info", "-f", "{{.SystemTime}}"]).await
+}
+
+/// Seconds since midnight of an RFC 3339 time (`...T01:44:46.481622338Z`).
+fn seconds_of_day(time: &str) -> f64 {
+    let clock = time
+        .split('T')
+        .nth(1)
+        .unwrap_or_default()
+        .trim_end_matches('Z');
+    let mut parts = clock.split(':');
+    let (h, m, s) = (parts.next(), parts.next(), parts.next());
+    let number = |p: Option<&str>| p.and_then(|p| p.parse::<f64>().ok()).unwrap_or(0.0);
+    number(h) * 3600.0 + number(m) * 60.0 + number(s)
+}
+
+/// Page views a replica logged, from its log (one `request` line per request).
+fn page_views(log: &str) -> usize {
+    log.lines()
+        .filter(|l| l.contains(r#"path="/" status=200"#))
+        .count()
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn compose_up_with_3_replicas_is_healthy_serves_every_count_once_and_runs_as_configured() {
+    let started = Instant::now();
+    let stack = Stack::up("conserve", REPLICAS).await;
+    let up_took = started.elapsed();
+    let web = stack.ids("web").await;
+    let redis = stack.one("redis").await;
+
+    let first = http::get(stack.port, "/")
+        .await
+        .expect("an answer through the proxy");
+    let seen = Load::run(stack.port, 20_000, Duration::from_secs(120)).await;
+
+    let t = Tally::of(&seen);
+    let count = stack.hits().await;
+    t.print("3 replicas", count);
+    println!("up --build --scale web=3 --wait: {up_took:.1?}");
+    assert_eq!(first.body(), "Hello World! 1 times.");
+    assert_eq!(web.len(), REPLICAS);
+    for id in web.iter().chain([&redis]) {
+        let health = inspect(id, "{{.State.Health.Status}}").await;
+        assert_eq!(health, "healthy", "{id}: by the engine's own health check");
+    }
+    assert_eq!(t.ok, t.requests, "requests failed");
+    assert_eq!(count, t.ok as i64 + 1, "Redis' count equals the 200s");
+    assert_eq!(t.numbers, (2..=count).collect(), "numbers have gaps");
+    let mut served = Vec::new();
+    for id in &web {
+        served.push(page_views(&docker(&["logs", id]).await));
+    }
+    println!("page views per replica (their access logs): {served:?}");
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "a replica served nothing: {served:?}"
+    );
+    assert_eq!(served.iter().sum::<usize>(), t.ok + 1);
+
+    // As configured, not just as written: the running containers and their processes.
+    for id in &web {
+        assert_eq!(inspect(id, "{{.Config.User}}").await, "10001:10001");
+        assert_eq!(inspect(id, "{{.HostConfig.ReadonlyRootfs}}").await, "true");
+        assert_eq!(inspect(id, "{{.HostConfig.CapDrop}}").await, "[ALL]");
+        let pid = inspect(id, "{{.State.Pid}}").await;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.split_whitespace().next().unwrap_or_default().to_owned())
+        };
+        assert_eq!(
+            field("Uid:").as_deref(),
+            Some("10001"),
+            "{id}: the process's user"
+        );
+        assert_eq!(
+            field("CapEff:").as_deref(),
+            Some("0000000000000000"),
+            "{id}: capabilities"
+        );
+    }
+    assert_eq!(
+        docker(&["port", &redis]).await,
+        "",
+        "Redis publishes no port on the host"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
+    let stack = Stack::up("scale", REPLICAS).await;
+    let before = stack.ids("web").await;
+    let load = Load::start(stack.port, 1_000_000, Duration::from_secs(180));
+    tokio::time::sleep(Duration::from_secs(1)).await; // under way
+
+    stack
+        .ok(&[
+            "up",
+            "-d",
+            "--no-deps",
+            "--no-recreate",
+            "--scale",
+            "web=5",
+            "--wait",
+            "web",
+        ])
+        .await;
+    let added: Vec<String> = stack
+        .ids("web")
+        .await
+        .difference(&before)
+        .cloned()
+        .collect();
+    // Each new replica gets traffic within the proxy's DNS interval (1 s) and health checks.
+    let mut first_traffic = Vec::new();
+    for id in &added {
+        let served = eventually(Duration::from_secs(10), async || {
+            page_views(&docker(&["logs", id]).await) > 0
+        })
+        .await;
+        assert!(served.is_some(), "new replica {id} got no traffic");
+        let started = inspect(id, "{{.State.StartedAt}}").await;
+        let log = docker(&["logs", id]).await;
+        let first = log.lines().find(|l| l.contains(r#"path="/""#)).unwrap();
+        first_traffic.push(seconds_of_day(first) - seconds_of_day(&started));
+    }
+    let scaled_down_at = engine_now().await;
+    stack
+        .ok(&[
+            "up",
+            "-d",
+            "--no-deps",
+            "--no-recreate",
+            "--scale",
+            "web=2",
+            "web",
+        ])
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // and on, with two
+    let seen = load.stop().await;
+
+    let t = Tally::of(&seen);
+    let count = stack.hits().await;
+    let exits = stack.exits_since(&scaled_down_at).await;
+    t.print("scale 3 -> 5 -> 2", count);
+    println!(
+        "new replicas' first page view, after their start: {first_traffic:.2?} s; removed: {exits:?}"
+    );
+    assert_eq!(added.len(), 2);
+    assert!(
+        first_traffic.iter().all(|s| *s < 5.0),
+        "new replicas waited for traffic: {first_traffic:?} s"
+    );
+    assert_eq!(t.ok, t.requests, "requests failed while scaling");
+    assert_eq!(count, t.ok as i64);
+    assert_eq!(t.numbers, (1..=count).collect());
+    assert_eq!(exits.len(), 3, "three replicas removed: {exits:?}");
+    assert!(
+        exits.iter().all(|(_, code)| code == "0"),
+        "a removed replica did not exit 0: {exits:?}"
+    );
+    assert_eq!(stack.ids("web").await.len(), 2);
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn a_replica_killed_under_load_fails_no_request_and_overcounts_only_what_was_sent_twice() {
+    let stack = Stack::up("kill", REPLICAS).await;
+    let victim = stack.one("web").await;
+
+    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(60), async {
+        docker(&["kill", &victim]).await;
+    })
+    .await;
+
+    let t = Tally::of(&seen);
+    let count = stack.hits().await;
+    let retried = haproxy_retried(&stack.proxy_log().await) as i64;
+    let restarts = inspect(&victim, "{{.RestartCount}}").await;
+    t.print("docker kill", count);
+    println!(
+        "sent twice by the proxy: {retried}; count - 200s = {}; the killed replica restarted {restarts} time(s)",
+        count - t.ok as i64
+    );
+    assert_eq!(
+        t.ok, t.requests,
+        "requests failed although two replicas were up"
+    );
+    assert!(count >= t.ok as i64, "an acknowledged count was lost");
+    assert!(
+        count - t.ok as i64 <= retried,
+        "counted more than the requests sent twice"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_count() {
+    let stack = Stack::up("redis", REPLICAS).await;
+    let web_before = stack.ids("web").await;
+    let mut started_before = Vec::new();
+    for id in &web_before {
+        started_before.push(inspect(id, "{{.State.StartedAt}}").await);
+    }
+    let mut back_after = Vec::new();
+
+    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(120), async {
+        for how in [&["restart", "redis"][..], &["kill", "redis"][..]] {
+            stack.ok(how).await;
+            if how[0] == "kill" {
+                stack.ok(&["start", "redis"]).await;
+            }
+            let served = eventually(Duration::from_secs(10), async || {
+                http::get(stack.port, "/")
+                    .await
+                    .is_ok_and(|r| r.status == 200)
+            })
+            .await;
+            back_after.push(served.expect("never served again"));
+        }
+    })
+    .await;
+
+    let t = Tally::of(&seen);
+    let count = stack.hits().await;
+    let probes = back_after.len() as i64;
+    t.print("redis restart+kill", count);
+    println!(
+        "200 again {back_after:.2?} after Redis was started; count - 200s - {probes} probes = {}",
+        count - t.ok as i64 - probes
+    );
+    assert_eq!(t.other, 0, "failures other than 503");
+    assert!(
+        t.unavailable > 0,
+        "Redis was never seen down: the scenario did not happen"
+    );
+    assert_eq!(
+        t.unavailable_without_retry_after, 0,
+        "a 503 without Retry-After"
+    );
+    assert!(
+        t.max_failure_latency < Duration::from_secs(1),
+        "a 503 took {:?}",
+        t.max_failure_latency
+    );
+    // The replicas were not touched: the same containers, never restarted.
+    assert_eq!(stack.ids("web").await, web_before);
+    for (id, started) in web_before.iter().zip(&started_before) {
+        assert_eq!(&inspect(id, "{{.State.StartedAt}}").await, started);
+    }
+    // The AOF on the volume kept every acknowledged count (a lost one would show as a number
+    // served twice, which Tally refuses), and only 503s may have run unseen.
+    assert!(
+        count >= t.ok as i64 + probes,
+        "an acknowledged count was lost"
+    );
+    assert!(count - t.ok as i64 - probes <= t.unavailable as i64);
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn a_redeploy_under_load_with_scripts_redeploy_fails_no_request() {
+    let stack = Stack::up("redeploy", REPLICAS).await;
+    let old = stack.ids("web").await;
+    let since = engine_now().await;
+    let compose = stack.compose.join(" ");
+
+    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(240), async {
+        let out = tokio::process::Command::new(repository().join("scripts/redeploy"))
+            .env("COMPOSE", &compose)
+            .current_dir(repository())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/redeploy: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    })
+    .await;
+
+    let t = Tally::of(&seen);
+    let count = stack.hits().await;
+    let new = stack.ids("web").await;
+    let exits = stack.exits_since(&since).await;
+    t.print("redeploy", count);
+    assert_eq!(t.ok, t.requests, "requests failed during the redeploy");
+    assert_eq!(count, t.ok as i64);
+    assert_eq!(new.len(), REPLICAS);
+    assert!(new.is_disjoint(&old), "every replica was replaced");
+    assert_eq!(exits.len(), REPLICAS, "{exits:?}");
+    assert!(
+        exits.iter().all(|(_, code)| code == "0"),
+        "an old replica did not exit 0: {exits:?}"
+    );
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn the_count_survives_down_and_up_resets_with_down_v_and_stop_drains_to_exit_0() {
+    let stack = Stack::up("lifecycle", 2).await;
+    let page = async || http::get(stack.port, "/").await.expect("an answer").hits();
+    for n in 1..=3 {
+        assert_eq!(page().await, n);
+    }
+
+    stack.ok(&["down"]).await;
+    stack.ok(&["up", "-d", "--scale", "web=2", "--wait"]).await;
+    let after_down_up = page().await;
+    stack.ok(&["down", "-v"]).await;
+    stack.ok(&["up", "-d", "--scale", "web=2", "--wait"]).await;
+    let after_down_v = page().await;
+    let web = stack.ids("web").await;
+    let stopping = Instant::now();
+    stack.ok(&["stop"]).await;
+    let stop_took = stopping.elapsed();
+
+    println!("down/up: {after_down_up}; down -v/up: {after_down_v}; stop took {stop_took:.1?}");
+    assert_eq!(
+        after_down_up, 4,
+        "the count survives down and up (named volume, AOF)"
+    );
+    assert_eq!(after_down_v, 1, "down -v resets it");
+    assert!(
+        stop_took < Duration::from_secs(10),
+        "stop waited for the grace period: {stop_took:?}"
+    );
+    for id in &web {
+        assert_eq!(
+            inspect(id, "{{.State.ExitCode}}").await,
+            "0",
+            "{id} was not stopped cleanly"
+        );
+        let log = docker(&["logs", "--tail", "3", id]).await;
+        assert!(
+            log.contains("all connections closed"),
+            "{id} did not drain:\n{log}"
+        );
+    }
+}
+
+/// Counters of the TCP stack a process sees (its network namespace): `ActiveOpens` of
+/// /proc/<pid>/net/snmp, and the sockets in TIME_WAIT in /proc/<pid>/net/tcp.
+fn tcp_counters(pid: &str) -> (u64, usize) {
+    let snmp = std::fs::read_to_string(format!("/proc/{pid}/net/snmp")).unwrap();
+    let mut tcp = snmp.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap(), tcp.next().unwrap());
+    let at = names
+        .split_whitespace()
+        .position(|n| n == "ActiveOpens")
+        .unwrap();
+    let opens = values.split_whitespace().nth(at).unwrap().parse().unwrap();
+    let sockets = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+    let time_wait = sockets
+        .lines()
+        .skip(1)
+        .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+        .count();
+    (opens, time_wait)
+}
+
+/// What wrk reported: requests, requests per second, and errors (non-2xx answers and socket
+/// errors of every kind).
+fn wrk_report(report: &str) -> (i64, f64, i64) {
+    let line = |needle: &str| {
+        report
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_default()
+    };
+    let first_number = |text: &str| text.split_whitespace().next().and_then(|n| n.parse().ok());
+    let requests = first_number(line("requests in")).unwrap_or(0);
+    let rate = line("Requests/sec:")
+        .trim_start_matches("Requests/sec:")
+        .trim()
+        .parse()
+        .unwrap_or(0.0);
+    let non_2xx: i64 = first_number(line("Non-2xx").rsplit(':').next().unwrap_or("0")).unwrap_or(0);
+    // "Socket errors: connect 0, read 0, write 0, timeout 0"
+    let socket: i64 = line("Socket errors:")
+        .trim_start_matches(|c| c != ':')
+        .split(',')
+        .filter_map(|kind| kind.split_whitespace().last()?.parse::<i64>().ok())
+        .sum();
+    (requests, rate, non_2xx + socket)
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+async fn two_minutes_of_load_through_the_proxy_without_an_error() {
+    let seconds: u64 = std::env::var("E2E_SUSTAINED_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(120);
+    let stack = Stack::up("sustained", REPLICAS).await;
+    let proxy_pid = inspect(&stack.one("proxy").await, "{{.State.Pid}}").await;
+    let before = stack.hits().await;
+    let (opens_before, _) = tcp_counters(&proxy_pid);
+
+    let url = format!("http://127.0.0.1:{}/", stack.port);
+    let args = [
+        "-t2",
+        "-c32",
+        &format!("-d{seconds}s"),
+        "--timeout",
+        "5s",
+        &url,
+    ]
+    .map(str::to_owned);
+    let out = run("wrk", &args).await;
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+
+    let (opens_after, time_wait) = tcp_counters(&proxy_pid);
+    let (requests, rate, errors) = wrk_report(&report);
+    let count = stack.hits().await - before;
+    let per_1000 = (opens_after - opens_before) as f64 * 1000.0 / requests.max(1) as f64;
+    println!("{report}");
+    println!(
+        "sustained {seconds} s: {requests} requests, {rate:.0} req/s, {errors} errors; proxy opened {} connections ({per_1000:.2} per 1,000 requests, health checks included); {time_wait} in TIME_WAIT at the end; Redis counted {count}",
+        opens_after - opens_before
+    );
+    assert!(
+        out.status.success(),
+        "wrk failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(requests > 0, "wrk's report: {report}");
+    assert_eq!(errors, 0, "errors under sustained load");
+    // wrk stops with up to 32 requests in flight: counted by Redis, not by wrk.
+    assert!(
+        (0..=32).contains(&(count - requests)),
+        "count {count}, requests {requests}"
+    );
+}
