@@ -195,14 +195,12 @@ async fn engine_now() -> String {
     docker(&["info", "-f", "{{.SystemTime}}"]).await
 }
 
-/// Seconds since midnight of an RFC 3339 time (`...T01:44:46.481622338Z`).
-fn seconds_of_day(time: &str) -> f64 {
-    let clock = time
-        .split('T')
-        .nth(1)
-        .unwrap_or_default()
-        .trim_end_matches('Z');
-    let mut parts = clock.split(':');
+/// Seconds since midnight of the RFC 3339 time that `line` starts with
+/// (`2026-11-29T01:44:46.481622338Z ...`).
+fn seconds_of_day(line: &str) -> f64 {
+    let time = line.split_whitespace().next().unwrap_or_default();
+    let clock = time.split('T').nth(1).unwrap_or_default();
+    let mut parts = clock.trim_end_matches('Z').split(':');
     let (h, m, s) = (parts.next(), parts.next(), parts.next());
     let number = |p: Option<&str>| p.and_then(|p| p.parse::<f64>().ok()).unwrap_or(0.0);
     number(h) * 3600.0 + number(m) * 60.0 + number(s)
