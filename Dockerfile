@@ -42,6 +42,9 @@ RUN touch src/main.rs src/lib.rs \
     fi
 
 FROM scratch
+# Lets `docker image prune --filter label=org.hit-counter.stage` find this stage's untagged
+# leftovers too; a tagged image is never pruned.
+LABEL org.hit-counter.stage=image
 COPY --from=build /hit-counter /hit-counter
 # Not root, by number: scratch has no /etc/passwd.
 USER 10001:10001
