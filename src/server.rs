@@ -231,9 +231,10 @@ impl AsyncRead for Tracked {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let before = buf.filled().len();
         let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+        // A completed read is activity; one that found the end of the stream too, harmlessly:
+        // the connection closes then anyway.
+        if matches!(poll, Poll::Ready(Ok(()))) {
             self.activity.touch();
         }
         poll
@@ -247,7 +248,7 @@ impl AsyncWrite for Tracked {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(poll, Poll::Ready(Ok(n)) if n > 0) {
+        if matches!(poll, Poll::Ready(Ok(_))) {
             self.activity.touch();
         }
         poll
