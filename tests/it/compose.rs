@@ -115,6 +115,23 @@ impl Stack {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// `up -d --no-recreate --scale web=N --wait`: replicas added or removed, the others left
+    /// alone.
+    async fn scale(&self, replicas: usize) {
+        let scale = format!("web={replicas}");
+        let args = [
+            "up",
+            "-d",
+            "--no-deps",
+            "--no-recreate",
+            "--scale",
+            &scale,
+            "--wait",
+            "web",
+        ];
+        self.ok(&args).await;
+    }
+
     /// The ids of a service's running containers.
     async fn ids(&self, service: &str) -> BTreeSet<String> {
         let out = self.ok(&["ps", "-q", service]).await;
@@ -290,18 +307,7 @@ async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
     let load = Load::start(stack.port, 1_000_000, Duration::from_secs(180));
     tokio::time::sleep(Duration::from_secs(1)).await; // under way
 
-    stack
-        .ok(&[
-            "up",
-            "-d",
-            "--no-deps",
-            "--no-recreate",
-            "--scale",
-            "web=5",
-            "--wait",
-            "web",
-        ])
-        .await;
+    stack.scale(5).await;
     let added: Vec<String> = stack
         .ids("web")
         .await
@@ -322,17 +328,7 @@ async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
         first_traffic.push(seconds_of_day(first) - seconds_of_day(&started));
     }
     let scaled_down_at = engine_now().await;
-    stack
-        .ok(&[
-            "up",
-            "-d",
-            "--no-deps",
-            "--no-recreate",
-            "--scale",
-            "web=2",
-            "web",
-        ])
-        .await;
+    stack.scale(2).await;
     tokio::time::sleep(Duration::from_secs(2)).await; // and on, with two
     let seen = load.stop().await;
 
@@ -379,15 +375,7 @@ async fn a_replica_killed_under_load_fails_no_request_and_overcounts_only_what_w
         "sent twice by the proxy: {retried}; count - 200s = {}; the killed replica restarted {restarts} time(s)",
         count - t.ok as i64
     );
-    assert_eq!(
-        t.ok, t.requests,
-        "requests failed although two replicas were up"
-    );
-    assert!(count >= t.ok as i64, "an acknowledged count was lost");
-    assert!(
-        count - t.ok as i64 <= retried,
-        "counted more than the requests sent twice"
-    );
+    t.assert_replica_loss_survived(count, retried);
 }
 
 #[tokio::test]
@@ -408,9 +396,7 @@ async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_cou
                 stack.ok(&["start", "redis"]).await;
             }
             let served = eventually(Duration::from_secs(10), async || {
-                http::get(stack.port, "/")
-                    .await
-                    .is_ok_and(|r| r.status == 200)
+                http::is_ok(stack.port, "/").await
             })
             .await;
             back_after.push(served.expect("never served again"));
@@ -426,32 +412,14 @@ async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_cou
         "200 again {back_after:.2?} after Redis was started; count - 200s - {probes} probes = {}",
         count - t.ok as i64 - probes
     );
-    assert_eq!(t.other, 0, "failures other than 503");
-    assert!(
-        t.unavailable > 0,
-        "Redis was never seen down: the scenario did not happen"
-    );
-    assert_eq!(
-        t.unavailable_without_retry_after, 0,
-        "a 503 without Retry-After"
-    );
-    assert!(
-        t.max_failure_latency < Duration::from_secs(1),
-        "a 503 took {:?}",
-        t.max_failure_latency
-    );
+    t.assert_outage_survived(count, probes);
     // The replicas were not touched: the same containers, never restarted.
     assert_eq!(stack.ids("web").await, web_before);
     for (id, started) in web_before.iter().zip(&started_before) {
         assert_eq!(&inspect(id, "{{.State.StartedAt}}").await, started);
     }
-    // The AOF on the volume kept every acknowledged count (a lost one would show as a number
-    // served twice, which Tally refuses), and only 503s may have run unseen.
-    assert!(
-        count >= t.ok as i64 + probes,
-        "an acknowledged count was lost"
-    );
-    assert!(count - t.ok as i64 - probes <= t.unavailable as i64);
+    // The AOF on the volume kept every acknowledged count: a lost one would show as a number
+    // served twice, which Tally refuses, or as a count below the 200s (checked above).
 }
 
 #[tokio::test]

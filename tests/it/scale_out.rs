@@ -120,9 +120,7 @@ async fn replica(redis_port: u16) -> ServiceProcess {
     let replica = ServiceProcess::with_redis(redis_port, &[("RUST_LOG", "warn")]).await;
     let port = replica.port;
     let ready = eventually(Duration::from_secs(5), async || {
-        http::get(port, "/readyz")
-            .await
-            .is_ok_and(|r| r.status == 200)
+        http::is_ok(port, "/readyz").await
     })
     .await;
     assert!(ready.is_some(), "replica on {port} never became ready");
@@ -195,19 +193,7 @@ async fn a_replica_killed_under_load_fails_no_request_and_overcounts_only_its_in
         "retried by the proxy: {retried}; count - 200s = {}",
         count - t.ok as i64
     );
-    assert_eq!(
-        t.unavailable + t.other,
-        0,
-        "requests failed although two replicas were up"
-    );
-    assert!(count >= t.ok as i64, "an acknowledged count was lost");
-    // Only a request the proxy sent twice can count twice: one that was in flight on the
-    // killed replica. (Retries of refused connections are among them too, so this bound is
-    // loose by those.)
-    assert!(
-        count - t.ok as i64 <= retried,
-        "counted more than the requests sent twice"
-    );
+    t.assert_replica_loss_survived(count, retried);
 }
 
 #[tokio::test]
@@ -262,9 +248,7 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
             // Every replica, asked directly, serves again within a second.
             for r in &cluster.replicas {
                 let back = eventually(Duration::from_secs(5), async || {
-                    http::get(r.port, "/")
-                        .await
-                        .is_ok_and(|resp| resp.status == 200)
+                    http::is_ok(r.port, "/").await
                 })
                 .await;
                 recovered_after.push(back.expect("a replica never recovered"));
@@ -281,16 +265,7 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
         "replicas served 200 again {recovered_after:?} after Redis was back; count - 200s - {direct} probes = {}",
         count - t.ok as i64 - direct
     );
-    assert_eq!(t.other, 0, "failures other than 503");
-    assert!(
-        t.unavailable > 0,
-        "Redis was never seen down: the scenario did not happen"
-    );
-    assert!(
-        t.max_failure_latency < Duration::from_secs(1),
-        "a 503 took {:?}",
-        t.max_failure_latency
-    );
+    t.assert_outage_survived(count, direct);
     assert!(
         recovered_after.iter().all(|d| *d < Duration::from_secs(1)),
         "{recovered_after:?}"
@@ -298,14 +273,6 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
     for r in &mut cluster.replicas {
         assert!(r.is_running(), "a replica crashed");
     }
-    assert!(
-        count >= t.ok as i64 + direct,
-        "an acknowledged count was lost"
-    );
-    assert!(
-        count - t.ok as i64 - direct <= t.unavailable as i64,
-        "counted more than could have run"
-    );
 }
 
 /// A DNS server that answers every A query with 127.0.0.1 (and every other query with no
@@ -362,9 +329,7 @@ async fn the_compose_proxy_configuration_finds_web_through_dns() {
 
     // The first resolution comes within a second of start-up (the resolvers' interval).
     let answered = eventually(Duration::from_secs(3), async || {
-        http::get(proxy.port, "/")
-            .await
-            .is_ok_and(|r| r.status == 200)
+        http::is_ok(proxy.port, "/").await
     })
     .await;
 

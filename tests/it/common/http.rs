@@ -64,6 +64,11 @@ pub async fn get(port: u16, path: &str) -> io::Result<Response> {
     request(port, "GET", path).await
 }
 
+/// Does `GET path` answer `200`?
+pub async fn is_ok(port: u16, path: &str) -> bool {
+    get(port, path).await.is_ok_and(|r| r.status == 200)
+}
+
 /// `method path` on its own connection (`Connection: close`).
 pub async fn request(port: u16, method: &str, path: &str) -> io::Result<Response> {
     let raw = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");

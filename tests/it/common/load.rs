@@ -143,6 +143,50 @@ impl Tally {
         }
     }
 
+    /// What a Redis outage under load may look like, and no worse: only `503`s with
+    /// `Retry-After`, each within a second; some, or the outage never showed; no acknowledged
+    /// count lost (`count`: what Redis' count grew by; `probes`: `200`s the load did not see);
+    /// and nothing counted beyond the `503`s whose `INCR` may have run.
+    pub fn assert_outage_survived(&self, count: i64, probes: i64) {
+        assert_eq!(self.other, 0, "failures other than 503");
+        assert!(
+            self.unavailable > 0,
+            "Redis was never seen down: the scenario did not happen"
+        );
+        assert_eq!(
+            self.unavailable_without_retry_after, 0,
+            "a 503 without Retry-After"
+        );
+        assert!(
+            self.max_failure_latency < Duration::from_secs(1),
+            "a 503 took {:?}",
+            self.max_failure_latency
+        );
+        let ok = self.ok as i64 + probes;
+        assert!(count >= ok, "an acknowledged count was lost");
+        assert!(
+            count - ok <= self.unavailable as i64,
+            "counted more than could have run"
+        );
+    }
+
+    /// What losing a replica under load may look like, and no worse: no failed request (the
+    /// proxy moves them to the others), no acknowledged count lost, and nothing counted twice
+    /// beyond the requests the proxy sent twice (`retried`, from its log: the ones in flight on
+    /// the lost replica are among them, and so are refused connects, so the bound is loose).
+    pub fn assert_replica_loss_survived(&self, count: i64, retried: i64) {
+        assert_eq!(
+            self.ok, self.requests,
+            "requests failed although other replicas were up"
+        );
+        assert!(count >= self.ok as i64, "an acknowledged count was lost");
+        let twice = count - self.ok as i64;
+        assert!(
+            twice <= retried,
+            "counted more than the requests sent twice"
+        );
+    }
+
     /// Prints the table head and this scenario's row (`count`: what Redis' count grew by).
     pub fn print(&self, scenario: &str, count: i64) {
         println!(
