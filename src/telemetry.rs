@@ -5,10 +5,10 @@
 //! through tracing-appender's non-blocking writer: the event loop only queues them, and its
 //! thread drains the queue into a buffer and writes it out whenever the queue runs empty, so
 //! under load many lines share one system call. If stdout cannot keep up and the queue is full
-//! (128,000 lines), lines are dropped rather than the service blocked; the number dropped is
+//! ([`QUEUED_LINES`]), lines are dropped rather than the service blocked; the number dropped is
 //! logged when the process exits. A normal exit writes every queued line.
 
-use std::io::{BufWriter, IsTerminal};
+use std::io::{BufWriter, IsTerminal, Write};
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
@@ -17,6 +17,10 @@ use crate::config::LogFormat;
 
 /// Bytes of log lines gathered before a write, when they come faster than stdout takes them.
 const WRITE_BUFFER: usize = 64 * 1024;
+/// Lines that may wait for the writer: a quarter of a second at 60,000 requests a second.
+/// The queue is allocated whole at start-up; tracing-appender's default (128,000 lines) cost
+/// 4 MB of RSS and 3 ms of start-up (measured with scripts/bench).
+const QUEUED_LINES: usize = 16 * 1024;
 
 /// Keeps the log writer running; [`finish`](Self::finish) it (or drop it) at exit to write
 /// what is still queued.
@@ -24,16 +28,29 @@ const WRITE_BUFFER: usize = 64 * 1024;
 pub struct Logs {
     writer: WorkerGuard,
     dropped: ErrorCounter,
+    json: bool,
 }
 
 impl Logs {
-    /// Reports lines dropped because stdout fell behind, then writes everything queued.
+    /// Writes everything queued, then says how many lines were dropped because stdout fell
+    /// behind, if any (directly: the queue is gone by then, and might have been full).
     pub fn finish(self) {
+        drop(self.writer);
         let dropped = self.dropped.dropped_lines();
         if dropped > 0 {
-            tracing::warn!(dropped_lines = dropped, "log output fell behind");
+            let mut stdout = std::io::stdout();
+            let _ = if self.json {
+                writeln!(
+                    stdout,
+                    r#"{{"level":"WARN","message":"log output fell behind","dropped_lines":{dropped}}}"#
+                )
+            } else {
+                writeln!(
+                    stdout,
+                    "WARN log output fell behind: {dropped} lines dropped"
+                )
+            };
         }
-        drop(self.writer);
     }
 }
 
@@ -42,6 +59,7 @@ impl Logs {
 pub fn init(format: LogFormat, filter: &str) -> Logs {
     let stdout = BufWriter::with_capacity(WRITE_BUFFER, std::io::stdout());
     let (writer, guard) = NonBlockingBuilder::default()
+        .buffered_lines_limit(QUEUED_LINES)
         .thread_name("log-writer")
         .finish(stdout);
     let dropped = writer.error_counter();
@@ -64,5 +82,6 @@ pub fn init(format: LogFormat, filter: &str) -> Logs {
     Logs {
         writer: guard,
         dropped,
+        json: format == LogFormat::Json,
     }
 }

@@ -222,3 +222,73 @@ fn a_taken_port_stops_start_up_with_exit_1_and_says_which() {
         exit.stdout
     );
 }
+
+#[tokio::test]
+async fn a_stdout_nobody_reads_never_blocks_serving_and_dropped_lines_are_counted() {
+    const REQUESTS: usize = 24_000; // lines: far more than the pipe and the log queue hold
+    const CLIENTS: usize = 16;
+    let port = free_port();
+    let child = binary()
+        .env("PORT", port.to_string())
+        .env("HOST_REDIS", "127.0.0.1")
+        .env("PORT_REDIS", "1")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let up = crate::common::eventually(Duration::from_secs(5), async || {
+        crate::common::accepts(port).await
+    })
+    .await;
+    assert!(up.is_some(), "the service did not start");
+
+    // Nobody reads stdout while these are served: the log writer soon blocks on the full pipe.
+    let started = Instant::now();
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|_| {
+            tokio::spawn(async move {
+                for _ in 0..REQUESTS / CLIENTS {
+                    let response = http::get(port, "/livez").await.expect("an answer");
+                    assert_eq!(response.status, 200);
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.await.unwrap();
+    }
+    let served_in = started.elapsed();
+    crate::common::signal(child.id(), "TERM");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!(
+        "{REQUESTS} requests in {served_in:?}; last line: {:?}",
+        stdout.lines().last()
+    );
+    assert!(output.status.success());
+    let dropped: u64 = stdout
+        .lines()
+        .last()
+        .and_then(|l| l.strip_prefix("WARN log output fell behind: "))
+        .and_then(|l| l.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("the last line reports the dropped lines");
+    let written = stdout
+        .lines()
+        .filter(|l| l.contains("path=\"/livez\""))
+        .count() as u64;
+    assert!(
+        dropped > 0,
+        "nothing was dropped: the test did not fill the queue"
+    );
+    // Every request's line written or counted as dropped; the few shutdown lines may be among
+    // the dropped ones too.
+    let accounted = written + dropped;
+    assert!(
+        (REQUESTS as u64..REQUESTS as u64 + 8).contains(&accounted),
+        "{written} written + {dropped} dropped for {REQUESTS} requests"
+    );
+}
