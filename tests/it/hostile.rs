@@ -235,11 +235,11 @@ async fn a_slow_but_steady_client_is_not_mistaken_for_an_idle_one() {
     let app = spawn_app_with(config).await;
     let port = app.port;
 
-    // Four bytes of the head every 100 ms, for about 1.5 s: never 300 ms without a byte.
+    // Eight bytes of the head every 100 ms, for most of a second: never 300 ms without a byte.
     let answer = tokio::task::spawn_blocking(move || {
         let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
         let head = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Slow: aaaa\r\n\r\n";
-        for piece in head.chunks(4) {
+        for piece in head.chunks(8) {
             stream.write_all(piece).unwrap();
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -196,7 +196,7 @@ fn fake_redis(hang_up: bool) -> (u16, Arc<AtomicUsize>) {
 
 async fn misbehaving_peer_is_survived(hang_up: bool) {
     const REQUESTS: usize = 100;
-    const CLIENTS: usize = 10;
+    const CLIENTS: usize = 25;
     let peer = if hang_up {
         "hang-up peer"
     } else {
@@ -230,14 +230,14 @@ async fn misbehaving_peer_is_survived(hang_up: bool) {
     }
     let busy_ticks = service.cpu_ticks() - cpu_before;
     let idle_from = service.cpu_ticks();
-    tokio::time::sleep(Duration::from_secs(2)).await; // two idle seconds, measured
+    tokio::time::sleep(Duration::from_secs(1)).await; // an idle second, measured
     let idle_ticks = service.cpu_ticks() - idle_from;
     let rss_growth_kb = service.rss_kb().saturating_sub(rss_before);
     let connections = accepted.load(Ordering::Relaxed);
 
     println!(
         "{REQUESTS} requests in {:?}: slowest {slowest:?}, {connections} connections to the peer, \
-         CPU {busy_ticks} ticks while serving and {idle_ticks} ticks idle over 2 s, RSS +{rss_growth_kb} KiB",
+         CPU {busy_ticks} ticks while serving and {idle_ticks} ticks idle over 1 s, RSS +{rss_growth_kb} KiB",
         started.elapsed()
     );
     assert!(
@@ -246,7 +246,7 @@ async fn misbehaving_peer_is_survived(hang_up: bool) {
     );
     assert!(
         idle_ticks <= 2,
-        "busy while idle: {idle_ticks} ticks in 2 s"
+        "busy while idle: {idle_ticks} ticks (10 ms each) in 1 s"
     );
     assert!(
         connections <= REQUESTS,
