@@ -156,7 +156,7 @@ impl Stack {
     /// Exit codes of this project's containers that stopped since `since` (RFC 3339).
     async fn exits_since(&self, since: &str) -> Vec<(String, String)> {
         let label = format!("label=com.docker.compose.project={}", self.project);
-        let until = docker(&["info", "-f", "{{.SystemTime}}"]).await;
+        let until = engine_now().await;
         let events = docker(&[
             "events",
             "--since",

@@ -184,8 +184,8 @@ impl RedisServer {
     }
 
     /// Runs one command (e.g. `["CONFIG", "SET", "maxmemory", "1"]`), which must succeed.
-    pub fn run(&self, args: &[&str]) -> redis::Value {
-        command(args).query(&mut self.conn()).unwrap()
+    pub fn run(&self, args: &[&str]) {
+        let _: redis::Value = command(args).query(&mut self.conn()).unwrap();
     }
 
     /// Puts Redis to sleep (`DEBUG SLEEP`) for `seconds`, from a thread of its own, and
