@@ -6,6 +6,7 @@ mod common;
 mod api;
 mod cli;
 mod compose;
+mod harness;
 mod hostile;
 mod metrics;
 mod misbehaving_redis;

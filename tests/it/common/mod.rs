@@ -8,6 +8,7 @@ pub mod http;
 pub mod load;
 
 use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::Once;
@@ -19,7 +20,12 @@ use tokio::task::JoinHandle;
 
 pub use http::Response;
 
-/// A port nobody listens on right now (the OS picked it, and we let it go).
+/// How often a server that lost its port to another test is started again on a new one.
+const START_ATTEMPTS: usize = 5;
+
+/// A port nobody listens on right now (the OS picked it, and we let it go). Tests run in
+/// parallel, so another test may take it before the server meant for it binds: the servers
+/// started here check that they got it ([`listens_on`]) and try another port if not.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -52,6 +58,56 @@ pub async fn accepts(port: u16) -> bool {
         .is_ok()
 }
 
+/// Makes the process `command` starts die (SIGKILL) when the test that starts it dies, by any
+/// signal: a test binary killed by a timeout, CI's time limit, the OOM killer or Ctrl-C runs
+/// no `Drop`. Linux's parent-death signal follows the thread that spawned the child, so spawn
+/// from the test's own thread (or a runtime worker), never from a short-lived thread.
+pub fn dies_with_test(command: &mut Command) -> &mut Command {
+    let parent = std::process::id();
+    // SAFETY: between fork and exec the closure only makes two async-signal-safe calls.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The test may have died before the signal was set up.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::other("the test process is gone"));
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Is process `pid` (itself, not a child of it) listening on TCP port `port`? Tells a server
+/// that bound its port from one that lost it to another test's server.
+pub fn listens_on(pid: u32, port: u16) -> bool {
+    let sockets: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|link| {
+            let link = link.to_string_lossy().into_owned();
+            Some(link.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let port = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|table| {
+        std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .map(|row| row.split_whitespace().collect::<Vec<_>>())
+            // local address, state (0A: LISTEN), inode
+            .any(|f| {
+                f.len() > 9
+                    && f[1].ends_with(&port)
+                    && f[3] == "0A"
+                    && sockets.contains(&f[9].to_owned())
+            })
+    })
+}
+
 /// Waits for `child` to exit, at most `within`.
 pub async fn exited(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     let mut status = None;
@@ -80,10 +136,15 @@ impl RedisServer {
 
     /// Starts on a free port with extra `redis-server` arguments (e.g. `--appendonly yes`).
     pub async fn start_with(extra: &[&str]) -> Self {
-        let mut server = Self::not_started(free_port());
+        let mut server = Self::not_started(0);
         server.extra = extra.iter().map(|s| s.to_string()).collect();
-        server.restart().await;
-        server
+        for _ in 0..START_ATTEMPTS {
+            server.port = free_port();
+            if server.launch(true).await {
+                return server;
+            }
+        }
+        panic!("redis-server did not start:\n{}", server.log());
     }
 
     /// A server that will listen on `port` once [`restart`](Self::restart)ed, not before.
@@ -100,34 +161,67 @@ impl RedisServer {
         self.dir.path().join("redis.log")
     }
 
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// (Re)starts the server on the same port, with the same data directory, and waits until
     /// it answers PING.
     pub async fn restart(&mut self) {
-        self.spawn();
-        let up = eventually(Duration::from_secs(5), async || self.ping()).await;
+        let up = self.launch(true).await;
         assert!(
-            up.is_some(),
-            "redis-server did not start on port {}",
-            self.port
+            up,
+            "redis-server did not start on port {}:\n{}",
+            self.port,
+            self.log()
         );
     }
 
-    /// Restarts with `extra` arguments replacing the previous ones, and returns as soon as the
-    /// port accepts connections (Redis may still be loading its data).
+    /// Restarts with `extra` arguments replacing the previous ones, and returns as soon as it
+    /// listens (Redis may still be loading its data).
     pub async fn restart_unready(&mut self, extra: &[&str]) {
         self.extra = extra.iter().map(|s| s.to_string()).collect();
-        self.spawn();
-        let up = eventually(Duration::from_secs(5), async || accepts(self.port).await).await;
+        let up = self.launch(false).await;
         assert!(
-            up.is_some(),
-            "redis-server did not start on port {}",
-            self.port
+            up,
+            "redis-server did not start on port {}:\n{}",
+            self.port,
+            self.log()
         );
+    }
+
+    /// Spawns on `self.port` and waits until this very process listens there (and answers
+    /// PING, if `ready`). False if it exited instead, as it does when the port is taken.
+    async fn launch(&mut self, ready: bool) -> bool {
+        self.spawn();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let child = self.child.as_mut().unwrap();
+            if child.try_wait().unwrap().is_some() {
+                self.child = None;
+                return false;
+            }
+            let pid = child.id();
+            if listens_on(pid, self.port) && (!ready || self.ping()) {
+                return true;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not start on port {}",
+                self.port
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
-        let child = Command::new("redis-server")
+        let child = dies_with_test(&mut Command::new("redis-server"))
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "local"])
@@ -226,8 +320,11 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
         if std::thread::panicking() {
-            let log = std::fs::read_to_string(self.log_path()).unwrap_or_default();
-            eprintln!("---- redis-server log (port {}) ----\n{log}", self.port);
+            eprintln!(
+                "---- redis-server log (port {}) ----\n{}",
+                self.port,
+                self.log()
+            );
         }
     }
 }
@@ -323,7 +420,7 @@ pub fn binary() -> Command {
     let path = std::env::var_os("HIT_COUNTER_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_hit-counter").into());
     let mut command = Command::new(path);
-    command
+    dies_with_test(&mut command)
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default());
     command
@@ -338,21 +435,36 @@ pub struct ServiceProcess {
 }
 
 impl ServiceProcess {
-    /// Starts the binary and waits until it accepts connections.
+    /// Starts the binary on a free port and waits until it listens there.
     pub async fn start(vars: &[(&str, &str)]) -> Self {
-        let port = free_port();
-        let log = tempfile::NamedTempFile::new().unwrap();
-        let child = binary()
-            .env("PORT", port.to_string())
-            .envs(vars.iter().copied())
-            .stdout(log.reopen().unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let service = Self { port, child, log };
-        let up = eventually(Duration::from_secs(5), async || accepts(port).await).await;
-        assert!(up.is_some(), "the service did not start");
-        service
+        for _ in 0..START_ATTEMPTS {
+            let port = free_port();
+            let log = tempfile::NamedTempFile::new().unwrap();
+            let mut child = binary()
+                .env("PORT", port.to_string())
+                .envs(vars.iter().copied())
+                .stdout(log.reopen().unwrap())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let pid = child.id();
+            let mut exit = None;
+            let up = eventually(Duration::from_secs(5), async || {
+                exit = child.try_wait().unwrap();
+                exit.is_some() || listens_on(pid, port)
+            })
+            .await;
+            match exit {
+                None => {
+                    assert!(up.is_some(), "the service did not start");
+                    return Self { port, child, log };
+                }
+                // Exit code 1: it could not listen; another test took the port first.
+                Some(status) if status.code() == Some(1) => continue,
+                Some(status) => panic!("the service exited at start-up: {status}"),
+            }
+        }
+        panic!("the service found no free port in {START_ATTEMPTS} attempts");
     }
 
     /// Starts the binary against the Redis on 127.0.0.1:`redis_port`, with `extra` settings.
