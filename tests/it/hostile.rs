@@ -170,25 +170,30 @@ async fn a_huge_or_endless_body_on_get_root_is_refused_without_being_read() {
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(5) {
                 if writer.write_all(chunk.as_bytes()).is_err() {
-                    return;
+                    return true; // hung up on
                 }
                 sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
             }
+            false
         })
     };
-    let answer = tokio::task::spawn_blocking(move || {
+    let (answer, hung_up) = tokio::task::spawn_blocking(move || {
         let mut reader = endless;
         reader
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let mut head = [0u8; 512];
         let n = reader.read(&mut head).unwrap();
-        feeder.join().unwrap();
-        parse(&head[..n]).expect("an answer")
+        let answer = parse(&head[..n]).expect("an answer");
+        (answer, feeder.join().unwrap())
     })
     .await
     .unwrap();
     assert_eq!(answer.status, 400);
+    assert!(hung_up, "the server read the endless body for 5 s");
+    // What the sockets' buffers hold, and no more: the server did not keep reading.
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent < 32 << 20, "{sent} bytes of body were accepted");
 
     let rss_mb = service.rss_kb() / 1024;
     assert!(rss_mb < 20, "the body was buffered: RSS {rss_mb} MB");
