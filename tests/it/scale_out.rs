@@ -244,6 +244,89 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     assert_eq!(count, t.ok as i64, "conservation");
 }
 
+/// Page views a replica logged (one `request` line per request, at `RUST_LOG=info`).
+fn page_views(replica: &ServiceProcess) -> usize {
+    replica
+        .log()
+        .lines()
+        .filter(|l| l.contains(r#"path="/" status=200"#))
+        .count()
+}
+
+#[tokio::test]
+#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_healed() {
+    let cluster = Cluster::start().await;
+    // The cut-off replica reaches Redis through a gate that holds connections but answers
+    // nothing (a partition, as a replica sees one) until it starts forwarding to Redis.
+    let gate = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gate_port = gate.local_addr().unwrap().port();
+    let cut_off = ServiceProcess::with_redis(gate_port, &[("RUST_LOG", "info")]).await;
+    let cluster_redis_port = cluster.redis.port;
+
+    // Alone behind a proxy, it is never ready: the proxy answers as a replica would.
+    let alone = Haproxy::in_front_of(&[cut_off.port]).await;
+    let from_proxy = http::get(alone.port, "/").await.unwrap();
+    let from_replica = http::get(cut_off.port, "/").await.unwrap();
+    assert_eq!(from_proxy.status, 503);
+    for header in ["retry-after", "content-type", "cache-control"] {
+        assert_eq!(
+            from_proxy.header(header),
+            from_replica.header(header),
+            "{header}"
+        );
+    }
+    assert_eq!(from_proxy.body(), from_replica.body());
+
+    // Beside three replicas that reach Redis: out of the rotation, so no visitor sees a 503.
+    let mut all = ports(&cluster.replicas);
+    all.push(cut_off.port);
+    let proxy = Haproxy::in_front_of(&all).await;
+    // HAProxy 2.6 puts a server in the rotation before its first check (no init-state yet):
+    // the load starts once that check has taken it out.
+    let down = format!("Server web/r{} is DOWN", cut_off.port);
+    let out = eventually(Duration::from_secs(5), async || {
+        proxy.master_log().contains(&down)
+    })
+    .await;
+    assert!(
+        out.is_some(),
+        "the cut-off replica was never taken out:\n{}",
+        proxy.master_log()
+    );
+    let seen = Load::run(proxy.port, 3_000, Duration::from_secs(30)).await;
+    let cut = Tally::of(&seen);
+    cut.print("replica cut off", cluster.hits());
+    assert_eq!(cut.ok, cut.requests, "a visitor saw the cut-off replica");
+    assert_eq!(page_views(&cut_off), 0);
+
+    // Healed: back in the rotation within the health checks' interval.
+    let opened = Instant::now();
+    let forward = tokio::spawn(async move {
+        while let Ok((mut client, _)) = gate.accept().await {
+            let to = cluster_redis_port;
+            tokio::spawn(async move {
+                let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", to)).await?;
+                tokio::io::copy_bidirectional(&mut client, &mut redis).await
+            });
+        }
+    });
+    let mut back_after = None;
+    let seen = under_load(proxy.port, 100_000, Duration::from_secs(30), async {
+        let back = eventually(Duration::from_secs(10), async || page_views(&cut_off) > 0).await;
+        back_after = back.map(|_| opened.elapsed());
+    })
+    .await;
+    forward.abort();
+    let healed = Tally::of(&seen);
+    let count = cluster.hits();
+    healed.print("healed", count);
+    println!("the healed replica served again {back_after:?} after the gate opened");
+    assert!(back_after.is_some(), "the healed replica never came back");
+    assert_eq!(healed.ok, healed.requests, "requests failed");
+    assert_eq!(count, (cut.ok + healed.ok) as i64, "conservation");
+}
+
 #[tokio::test]
 #[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
 async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers() {
