@@ -4,7 +4,6 @@
 //! lookup so tests never touch the process environment. A bad value is a [`ConfigError`] that
 //! names the variable and the value; `main` prints it on one line and exits with code 2.
 
-use std::fmt;
 use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
@@ -29,7 +28,7 @@ impl LogFormat {
 }
 
 /// The whole configuration of one process.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Config {
     /// `HOST_REDIS`: Redis host name or IP address. Resolved lazily, so a name that does not
     /// resolve yet is a runtime condition (reported by `/readyz`), not a start-up error.
@@ -59,23 +58,16 @@ pub struct Config {
     pub max_header_bytes: usize,
 }
 
-/// A setting with a bad value: names the variable and the value as given.
-#[derive(Debug, PartialEq, Eq)]
+/// A setting with a bad value: names the variable and the value as given. `{:?}` quotes the
+/// value and escapes control characters and whitespace, so an empty string or a stray space is
+/// visible in the message.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{var}={value:?} {expected}")]
 pub struct ConfigError {
     var: &'static str,
     value: String,
     expected: String,
 }
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // `{:?}` quotes the value and escapes control characters and whitespace, so an empty
-        // string or a stray space is visible in the message.
-        write!(f, "{}={:?} {}", self.var, self.value, self.expected)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 /// The documented defaults, one place.
 pub mod defaults {
@@ -251,6 +243,53 @@ mod tests {
         assert_eq!(c.log_filter, "info");
         assert_eq!(c.redis_timeout, Duration::from_millis(500));
         assert_eq!(c.max_header_bytes, 16384);
+    }
+
+    /// The defaults a person reads (README's table, `.env.example`) are the ones in effect:
+    /// both must set every variable, and setting each to its documented default must give
+    /// the configuration an empty environment gives. (scripts/check-deploy holds
+    /// docker-compose.yml to `.env.example`.)
+    #[test]
+    fn the_documented_defaults_are_the_ones_in_effect() {
+        let env_example: Vec<(String, String)> = include_str!("../.env.example")
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .map(|l| l.split_once('=').expect("VAR=value"))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        let readme: Vec<(String, String)> = include_str!("../README.md")
+            .lines()
+            .filter_map(|l| {
+                let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+                let name = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+                let value = cells.get(2)?.strip_prefix('`')?.strip_suffix('`')?;
+                name.chars()
+                    .all(|c| c.is_ascii_uppercase() || c == '_')
+                    .then(|| (name.to_owned(), value.to_owned()))
+            })
+            .collect();
+        let by_name = |pairs: &[(String, String)]| {
+            let mut names: Vec<String> = pairs.iter().map(|(k, _)| k.clone()).collect();
+            names.sort();
+            names
+        };
+        assert_eq!(
+            by_name(&readme),
+            by_name(&env_example),
+            "README's table vs .env.example"
+        );
+        assert_eq!(
+            env_example.len(),
+            11,
+            "a variable is missing from .env.example"
+        );
+        for documented in [&readme, &env_example] {
+            let pairs: Vec<(&str, &str)> = documented
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(config(&pairs).unwrap(), config(&[]).unwrap(), "{pairs:?}");
+        }
     }
 
     #[test]

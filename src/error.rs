@@ -34,7 +34,7 @@ impl IntoResponse for AppError {
                         "Service Unavailable: the hit counter cannot be reached. Try again in a moment.",
                     )
                 }
-                // Not a 503: waiting will not fix it, an operator must (see README, Operations).
+                // Not a 503: waiting will not fix it, an operator must (docs/operations.md).
                 ErrorKind::Corrupt => {
                     tracing::error!(error = %e, "the hits key cannot be incremented");
                     (

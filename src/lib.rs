@@ -24,7 +24,6 @@ pub mod server;
 pub mod store;
 pub mod telemetry;
 
-use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
@@ -47,30 +46,14 @@ pub struct App {
 }
 
 /// Why the service could not start.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// The port could not be bound (taken, or not allowed).
+    #[error("cannot listen on port {port}: {source}")]
     Listen { port: u16, source: io::Error },
     /// The Redis address cannot be used at all (whether Redis is up is checked per request).
-    Redis(redis::RedisError),
-}
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Listen { port, source } => write!(f, "cannot listen on port {port}: {source}"),
-            Self::Redis(e) => write!(f, "cannot use the Redis address: {e}"),
-        }
-    }
-}
-
-impl std::error::Error for StartError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        match self {
-            Self::Listen { source, .. } => Some(source),
-            Self::Redis(e) => Some(e),
-        }
-    }
+    #[error("cannot use the Redis address: {0}")]
+    Redis(#[source] redis::RedisError),
 }
 
 impl App {

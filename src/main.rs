@@ -6,7 +6,7 @@
 use std::process::ExitCode;
 
 // musl's own allocator halves the throughput of the static build, and glibc's keeps more
-// memory after a burst (README, Performance). mimalloc is built without transparent huge
+// memory after a burst (docs/performance.md). mimalloc is built without transparent huge
 // pages: with them, the idle process held 8 MB instead of under 3.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -55,7 +55,7 @@ fn configuration_error(e: hit_counter::config::ConfigError) -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let logs = telemetry::init(config.log_format, &config.log_filter);
-    // One event-loop thread per process. Measured (README, Performance): concurrent page views
+    // One event-loop thread per process. Measured (docs/performance.md): concurrent page views
     // then share each write to Redis (automatic pipelining), where worker threads hand the
     // Redis connection to each other and write one command per syscall. A replica uses one
     // core; more load means more replicas, as 12-factor processes scale.

@@ -1,20 +1,17 @@
 //! [`HitCounter`]: the only place that speaks Redis.
 //!
 //! One multiplexed connection (a `redis::aio::ConnectionManager`) carries every request's
-//! command. Page views that arrive together are sent together: each one still gets its own
-//! `INCR hits` and its own reply, but the `INCR`s that are waiting when the batcher runs go out
-//! as one pipeline, so the connection's per-call work (and its timer) is paid once per batch
-//! instead of once per request. Redis pays less too: at 50 concurrent clients a page view costs
-//! it 1.6 us of CPU, against 11 to 14 us for unpipelined `INCR`s (scripts/bench, README
-//! Performance), so one Redis core carries about ten replicas at full load. Every batch is
-//! bounded by `REDIS_TIMEOUT_MS`, connecting included, so a dead or hung Redis costs a request
-//! at most that.
+//! command. Page views that arrive together are sent together: each still gets its own
+//! `INCR hits` and its own reply, but the `INCR`s waiting when the batcher runs go out as one
+//! pipeline, so the per-call work and the timer are paid once per batch, and Redis does less
+//! per page view (docs/architecture.md has the figures). Every batch is bounded by
+//! `REDIS_TIMEOUT_MS`, connecting included, so a dead or hung Redis costs a request at most
+//! that.
 //!
 //! The manager reconnects by itself when the socket breaks, but not when the socket stays open
 //! and nothing comes back (a hung server, or a connection left half-open by a failover or a
-//! network fault while a new connection would be answered): the old socket would stay, with
-//! its queue of unanswered commands growing. So on a timeout the manager is swapped for a
-//! fresh, lazily connecting one, at most once per stuck connection.
+//! network fault): its queue of unanswered commands would only grow. So on a timeout the
+//! manager is swapped for a fresh, lazily connecting one, at most once per stuck connection.
 
 use std::fmt;
 use std::sync::Arc;

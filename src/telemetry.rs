@@ -18,9 +18,8 @@ use crate::config::LogFormat;
 /// Bytes of log lines gathered before a write, when they come faster than stdout takes them.
 const WRITE_BUFFER: usize = 64 * 1024;
 /// Lines that may wait for the writer: 70 ms at 60,000 requests a second (its thread writes
-/// them far faster). The queue is allocated whole at start-up: tracing-appender's default
-/// (128,000 lines) cost 4 MB of RSS and 3 ms of start-up, 16,384 lines 0.6 MB and 0.4 ms,
-/// these 0.2 MB and nothing measurable (scripts/bench, against the hand-written writer).
+/// them far faster). The queue is allocated whole at start-up, so it is much smaller than
+/// tracing-appender's default (docs/performance.md has what each size cost).
 const QUEUED_LINES: usize = 4 * 1024;
 
 /// Keeps the log writer running; [`finish`](Self::finish) it (or drop it) at exit to write
