@@ -6,7 +6,7 @@
 //! They need a Docker engine, Compose and the stand-ins (`scripts/images`), so a plain
 //! `cargo test` skips them (`#[ignore]`); `scripts/test` runs them one at a time when an engine
 //! answers. Traffic goes only to the proxy's port on 127.0.0.1. Each prints its row of the
-//! README's table (run with --nocapture to see it).
+//! table in docs/testing.md (run with --nocapture to see it).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -518,19 +518,27 @@ async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_cou
 
 #[tokio::test]
 #[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
-async fn a_redeploy_under_load_with_scripts_redeploy_fails_no_request() {
+async fn a_redeploy_under_load_fails_no_request_and_a_broken_one_is_rolled_back() {
     let stack = Stack::up("redeploy", REPLICAS).await;
     let old = stack.ids("web").await;
     let since = engine_now().await;
     let compose = stack.compose.join(" ");
+    let redeploy = |broken: bool| {
+        let mut command = std::process::Command::new(repository().join("scripts/redeploy"));
+        dies_with_test(&mut command)
+            .env("COMPOSE", &compose)
+            .current_dir(repository());
+        if broken {
+            // New replicas that exit at start-up (exit 2: bad configuration), never healthy.
+            command
+                .env("PORT_REDIS", "not-a-port")
+                .env("REDEPLOY_TIMEOUT", "20");
+        }
+        tokio::process::Command::from(command).output()
+    };
 
     let seen = under_load(stack.port, 1_000_000, Duration::from_secs(240), async {
-        let out = tokio::process::Command::new(repository().join("scripts/redeploy"))
-            .env("COMPOSE", &compose)
-            .current_dir(repository())
-            .output()
-            .await
-            .unwrap();
+        let out = redeploy(false).await.unwrap();
         assert!(
             out.status.success(),
             "scripts/redeploy: {}",
@@ -552,6 +560,38 @@ async fn a_redeploy_under_load_with_scripts_redeploy_fails_no_request() {
     assert!(
         exits.iter().all(|(_, code)| code == "0"),
         "an old replica did not exit 0: {exits:?}"
+    );
+
+    // A release that never becomes healthy: the new replicas are removed again, the running
+    // ones serve on, and a second try does not pile up more.
+    let mut outs = Vec::new();
+    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(240), async {
+        for _ in 0..2 {
+            outs.push(redeploy(true).await.unwrap());
+        }
+    })
+    .await;
+    let broken = Tally::of(&seen);
+    broken.print("broken redeploy", stack.hits().await);
+    for out in &outs {
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a broken redeploy succeeded: {said}");
+        assert!(said.contains("did not become healthy"), "{said}");
+    }
+    assert_eq!(
+        broken.ok, broken.requests,
+        "requests failed during the broken redeploy"
+    );
+    assert_eq!(
+        stack.ids("web").await,
+        new,
+        "the running replicas were touched"
+    );
+    let all = stack.ok(&["ps", "-aq", "web"]).await;
+    assert_eq!(
+        all.lines().count(),
+        REPLICAS,
+        "new replicas were left behind: {all}"
     );
 }
 
