@@ -12,7 +12,7 @@ FROM ${RUST_IMAGE} AS build
 # down --rmi local` removes only the tagged image): `docker image prune --filter
 # label=org.hit-counter.stage=build` removes the stale ones.
 LABEL org.hit-counter.stage=build
-# musl-gcc compiles mimalloc (the allocator of the musl build, see README) for the musl target.
+# musl-gcc compiles mimalloc (the allocator of the musl build, see docs/performance.md) for the musl target.
 RUN if ! command -v musl-gcc >/dev/null; then \
       apt-get update \
       && apt-get install -y --no-install-recommends musl-tools \

@@ -3,7 +3,7 @@
 //! HAProxy with the settings docker-compose.yml ships (deploy/haproxy/haproxy.cfg; only the
 //! replicas' addresses differ). One test per scenario, each on a fresh [`Cluster`], under a
 //! steady load that records every response. Bounded in time and request count; each prints
-//! its row of the README's table (run with --nocapture to see it).
+//! its row of the table in docs/testing.md (run with --nocapture to see it).
 
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
