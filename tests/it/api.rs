@@ -95,23 +95,7 @@ async fn concurrent_visitors_see_distinct_gapless_numbers() {
     let app = spawn_app(redis.port).await;
     let port = app.port;
 
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut seen = Vec::with_capacity(EACH);
-                for _ in 0..EACH {
-                    let response = http::get(port, "/").await.expect("an answer");
-                    assert_eq!(response.status, 200);
-                    seen.push(response.hits());
-                }
-                seen
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    for client in clients {
-        all.extend(client.await.unwrap());
-    }
+    let all = http::page_views(port, CLIENTS, EACH).await;
 
     let total = (CLIENTS * EACH) as i64;
     let distinct: BTreeSet<i64> = all.iter().copied().collect();

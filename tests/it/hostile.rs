@@ -435,21 +435,10 @@ async fn a_storm_of_connection_close_requests_counts_exactly() {
     let service = ServiceProcess::with_redis(redis.port, &[]).await;
     let port = service.port;
 
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            tokio::spawn(async move {
-                let mut numbers = Vec::with_capacity(EACH);
-                for _ in 0..EACH {
-                    numbers.push(http::get(port, "/").await.expect("an answer").hits());
-                }
-                numbers
-            })
-        })
+    let numbers: BTreeSet<i64> = http::page_views(port, CLIENTS, EACH)
+        .await
+        .into_iter()
         .collect();
-    let mut numbers = BTreeSet::new();
-    for client in clients {
-        numbers.extend(client.await.unwrap());
-    }
 
     let total = (CLIENTS * EACH) as i64;
     assert_eq!(numbers, (1..=total).collect());

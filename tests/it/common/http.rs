@@ -59,6 +59,27 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// `clients` concurrent visitors, each sending `each` `GET /` one after another; the numbers
+/// they were shown, in no particular order. Every answer must be a page.
+pub async fn page_views(port: u16, clients: usize, each: usize) -> Vec<i64> {
+    let clients: Vec<_> = (0..clients)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut numbers = Vec::with_capacity(each);
+                for _ in 0..each {
+                    numbers.push(get(port, "/").await.expect("an answer").hits());
+                }
+                numbers
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for client in clients {
+        all.extend(client.await.unwrap());
+    }
+    all
+}
+
 /// `GET path` on its own connection (`Connection: close`).
 pub async fn get(port: u16, path: &str) -> io::Result<Response> {
     request(port, "GET", path).await
