@@ -7,6 +7,7 @@
 # it at the offline stand-in that scripts/images builds (musl-tools, the musl target and the
 # project's crates already inside).
 ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
+# checkov:skip=CKV_DOCKER_7: the tag is RUST_IMAGE's, pinned on the line above (checkov does not read ARGs)
 FROM ${RUST_IMAGE} AS build
 # On every image of this stage (the classic builder keeps them as cache, and `docker compose
 # down --rmi local` removes only the tagged image): `docker image prune --filter
