@@ -259,6 +259,27 @@ async fn a_slow_but_steady_client_is_not_mistaken_for_an_idle_one() {
     assert_eq!(response.hits(), 1);
 }
 
+#[tokio::test]
+async fn a_request_waiting_on_redis_longer_than_the_idle_timeout_is_not_cut_off() {
+    let redis = RedisServer::start().await;
+    let mut config = test_config(redis.port);
+    config.idle_timeout = Duration::from_millis(200);
+    config.redis_timeout = Duration::from_secs(3);
+    let app = spawn_app_with(config).await;
+
+    // Redis answers only after 0.8 s: four idle timeouts with no byte on the connection.
+    let sleeping = redis.asleep_for(0.8).await;
+    let started = Instant::now();
+    let response = app.get("/").await;
+    let waited = started.elapsed();
+    tokio::task::spawn_blocking(move || sleeping.join().unwrap())
+        .await
+        .unwrap();
+
+    assert_eq!(response.hits(), 1, "cut off after {waited:?}");
+    assert!(waited > Duration::from_millis(200), "Redis did not make it wait: {waited:?}");
+}
+
 /// `http_connections_open` as the service reports it (the scrape's own connection included).
 async fn open_connections(port: u16) -> f64 {
     let metrics = http::get(port, "/metrics").await.unwrap().body();
