@@ -277,7 +277,10 @@ async fn a_request_waiting_on_redis_longer_than_the_idle_timeout_is_not_cut_off(
         .unwrap();
 
     assert_eq!(response.hits(), 1, "cut off after {waited:?}");
-    assert!(waited > Duration::from_millis(200), "Redis did not make it wait: {waited:?}");
+    assert!(
+        waited > Duration::from_millis(200),
+        "Redis did not make it wait: {waited:?}"
+    );
 }
 
 /// `http_connections_open` as the service reports it (the scrape's own connection included).
