@@ -14,3 +14,4 @@ mod redis_failures;
 mod scale_out;
 mod shutdown;
 mod store;
+mod swarm;

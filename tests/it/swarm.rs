@@ -1,0 +1,1002 @@
+//! The stack on a real multi-node Docker Swarm, end to end under load: `scripts/swarm up`
+//! (three nodes, each a container running its own engine, the images pulled from the
+//! cluster's registry, deploy/swarm/stack.yml), then Swarm itself starts, moves, replaces and
+//! stops the replicas while clients count through the proxy, and every count is checked.
+//!
+//! One cluster for every scenario: a cluster takes a minute or more to build, so the scenarios
+//! run in sequence in one test, each printing its row. `scripts/swarm down` removes the cluster
+//! afterwards (a `Drop`, passed or failed) and before (what a killed run left).
+//!
+//! Needs a Docker engine and the stand-ins (`scripts/swarm up` runs `scripts/images`), so a
+//! plain `cargo test` skips it (`#[ignore]`):
+//!
+//!   cargo test --locked --test it swarm:: -- --ignored --test-threads=1 --nocapture
+//!
+//! Traffic goes only to the proxy's port on 127.0.0.1, published by the manager's container.
+//! Docker's userland proxy on that port runs out of ports after ~28k new connections a minute,
+//! so the scenarios' load keeps its connections open ([`Traffic`]) and is paced; the project's
+//! connection-per-request generator ([`Load`]) runs only a bounded burst.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+use crate::common::load::{CLIENTS, Load, Seen, Tally};
+use crate::common::{dies_with_test, eventually, free_port, http};
+
+/// The cluster's name (`SWARM_NAME`): its containers' and network's prefix and its label, apart
+/// from the default `hc-swarm` someone may be running by hand.
+const NAME: &str = "hc-swarm-it";
+/// Its bridge network (`SWARM_SUBNET`): node K at .(10+K).
+const SUBNET_PREFIX: &str = "10.213.1";
+const NODES: usize = 3;
+/// scripts/swarm's layout: node 1 the manager (the proxy), node 2 Redis's node, node 3 a
+/// worker with nothing but a replica.
+const REDIS_NODE: usize = 2;
+const WORKER: usize = 3;
+const WEB: &str = "hit-counter_web";
+const REDIS: &str = "hit-counter_redis";
+const REPLICAS: usize = 3;
+
+/// Each client of [`Traffic`] sends a request at most this often: at most 800 a second.
+const PACE: Duration = Duration::from_millis(20);
+/// The longest one exchange may take before it counts as no answer.
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// HAProxy's `timeout server` (deploy/haproxy/haproxy.cfg): a request in flight on a replica
+/// whose node froze is answered 504 after this long.
+const PROXY_SERVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long after an event the proxy may still send requests to a replica it cut off: one
+/// readiness check interval (250 ms) plus its timeout (250 ms), with room for a busy machine.
+const DETECTION: Duration = Duration::from_secs(1);
+
+fn repository() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn node_name(k: usize) -> String {
+    format!("{NAME}-{k}")
+}
+
+fn node_address(k: usize) -> String {
+    format!("{SUBNET_PREFIX}.{}", 10 + k)
+}
+
+/// Runs a command to completion without blocking the runtime (the load keeps going).
+async fn output(mut command: std::process::Command) -> std::process::Output {
+    dies_with_test(&mut command);
+    tokio::process::Command::from(command)
+        .output()
+        .await
+        .expect("the command runs")
+}
+
+fn stdout_of(out: &std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// `docker <args>` on this machine's engine, which must succeed.
+async fn host_docker(args: &[&str]) -> String {
+    let mut command = std::process::Command::new("docker");
+    command.args(args);
+    stdout_of(&output(command).await, &format!("docker {args:?}"))
+}
+
+/// One swarm task, as `docker service ps` lists it.
+#[derive(Debug)]
+struct Task {
+    id: String,
+    node: String,
+    desired: String,
+    /// "Running", "Starting", "Shutdown", "Failed", ... (the first word of CURRENT STATE)
+    state: String,
+    image: String,
+    error: String,
+}
+
+impl Task {
+    /// Wanted and running (and healthy: Swarm says Running only after the health check).
+    fn serving(&self) -> bool {
+        self.desired == "Running" && self.state == "Running"
+    }
+}
+
+/// The cluster `scripts/swarm up` built, removed with `scripts/swarm down` on drop.
+struct Cluster {
+    port: u16,
+}
+
+impl Cluster {
+    /// `scripts/swarm` with this cluster's settings.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(repository().join("scripts/swarm"));
+        command
+            .args(args)
+            .current_dir(repository())
+            .env("SWARM_NAME", NAME)
+            .env("SWARM_SUBNET", format!("{SUBNET_PREFIX}.0/24"))
+            .env("SWARM_PORT", self.port.to_string())
+            // The stack's defaults: the page views are counted in the text log.
+            .env_remove("LOG_FORMAT")
+            .env_remove("RUST_LOG");
+        command
+    }
+
+    async fn swarm(&self, args: &[&str]) -> String {
+        stdout_of(
+            &output(self.command(args)).await,
+            &format!("scripts/swarm {args:?}"),
+        )
+    }
+
+    /// Removes whatever an earlier, killed run left, then builds the cluster.
+    async fn up() -> Self {
+        let cluster = Self { port: free_port() };
+        cluster.down();
+        let started = Instant::now();
+        let log = cluster.swarm(&["up", &NODES.to_string()]).await;
+        println!("{log}\nscripts/swarm up {NODES}: {:.1?}", started.elapsed());
+        cluster
+    }
+
+    fn down(&self) {
+        let mut command = self.command(&["down"]);
+        dies_with_test(&mut command);
+        match command.output() {
+            Ok(out) if out.status.success() => {
+                println!("{}", String::from_utf8_lossy(&out.stdout).trim())
+            }
+            Ok(out) => eprintln!(
+                "scripts/swarm down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!("scripts/swarm down: {e}"),
+        }
+    }
+
+    /// `docker <args>` on the manager.
+    async fn docker(&self, args: &[&str]) -> String {
+        let mut all = vec!["docker"];
+        all.extend_from_slice(args);
+        self.swarm(&all).await
+    }
+
+    /// A command inside node `k`'s container.
+    async fn node(&self, k: usize, args: &[&str]) -> String {
+        let k = k.to_string();
+        let mut all = vec!["node", &k];
+        all.extend_from_slice(args);
+        self.swarm(&all).await
+    }
+
+    /// Redis' `hits`, read inside the Redis task (its port is published nowhere).
+    async fn hits(&self) -> i64 {
+        self.swarm(&["redis-cli", "GET", "hits"])
+            .await
+            .parse()
+            .unwrap_or(0)
+    }
+
+    /// Every task of `service`, history included.
+    async fn tasks(&self, service: &str) -> Vec<Task> {
+        let format =
+            "{{.ID}}\t{{.Node}}\t{{.DesiredState}}\t{{.CurrentState}}\t{{.Image}}\t{{.Error}}";
+        let out = self
+            .docker(&["service", "ps", "--no-trunc", "--format", format, service])
+            .await;
+        out.lines()
+            .map(|line| {
+                let f: Vec<&str> = line.split('\t').collect();
+                Task {
+                    id: f[0].to_owned(),
+                    node: f[1].to_owned(),
+                    desired: f[2].to_owned(),
+                    state: f[3].split_whitespace().next().unwrap_or("").to_owned(),
+                    image: f[4].to_owned(),
+                    error: f.get(5).copied().unwrap_or("").to_owned(),
+                }
+            })
+            .collect()
+    }
+
+    async fn serving(&self, service: &str) -> Vec<Task> {
+        let mut tasks = self.tasks(service).await;
+        tasks.retain(Task::serving);
+        tasks
+    }
+
+    /// Tasks whose container still runs, wanted or not (a replica being removed drains first).
+    async fn still_running(&self, service: &str) -> usize {
+        let tasks = self.tasks(service).await;
+        tasks.iter().filter(|t| t.state == "Running").count()
+    }
+
+    /// Requests for `/` a task logged: those it answered 200, and all of them.
+    async fn page_views(&self, task: &str) -> (usize, usize) {
+        let log = self.docker(&["service", "logs", "--raw", task]).await;
+        let logged = |status: &str| {
+            let line = format!(r#"path="/" status={status}"#);
+            log.lines().filter(|l| l.contains(&line)).count()
+        };
+        (logged("200"), logged(""))
+    }
+
+    async fn update_state(&self) -> String {
+        let format = "{{if .UpdateStatus}}{{.UpdateStatus.State}}{{end}}";
+        self.docker(&["service", "inspect", "-f", format, WEB])
+            .await
+    }
+
+    async fn node_status(&self, k: usize) -> String {
+        self.docker(&["node", "inspect", "-f", "{{.Status.State}}", &node_name(k)])
+            .await
+    }
+
+    /// `docker service scale` without waiting (the CLI's own wait adds seconds of "verify"),
+    /// then until exactly `n` replicas run: the new ones healthy, the removed ones gone.
+    async fn scale(&self, n: usize) -> Duration {
+        let started = Instant::now();
+        self.docker(&["service", "scale", "-d", &format!("{WEB}={n}")])
+            .await;
+        let done = eventually(Duration::from_secs(90), async || {
+            self.serving(WEB).await.len() == n && self.still_running(WEB).await == n
+        })
+        .await;
+        assert!(done.is_some(), "{WEB} did not get to {n} replicas");
+        started.elapsed()
+    }
+
+    /// One replica on each node again (after a drain or a lost node, Swarm does not move
+    /// replicas back by itself): scale up by the number of empty nodes, which the scheduler
+    /// fills first, then down, which removes replicas from the nodes with the most.
+    async fn spread(&self) {
+        for _ in 0..3 {
+            let mut per_node: BTreeMap<String, usize> =
+                (1..=NODES).map(|k| (node_name(k), 0)).collect();
+            for task in self.serving(WEB).await {
+                *per_node.entry(task.node).or_default() += 1;
+            }
+            let empty = per_node.values().filter(|n| **n == 0).count();
+            if empty == 0 && per_node.values().sum::<usize>() == REPLICAS {
+                return;
+            }
+            self.scale(REPLICAS + empty).await;
+            self.scale(REPLICAS).await;
+        }
+        panic!("could not get one replica on each node");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let started = Instant::now();
+        self.down();
+        println!("scripts/swarm down: {:.1?}", started.elapsed());
+    }
+}
+
+/// One request's outcome, and when it was sent.
+struct Sent {
+    at: Instant,
+    seen: Seen,
+}
+
+/// [`CLIENTS`] clients, each on one keep-alive connection (a new one only after an error or a
+/// `Connection: close`), each sending `GET /` at most every [`PACE`], recording every outcome,
+/// until stopped, `max_requests` were sent, or `max_time` passed.
+struct Traffic {
+    stop: Arc<AtomicBool>,
+    clients: Vec<JoinHandle<Vec<Sent>>>,
+}
+
+impl Traffic {
+    fn start(port: u16, max_requests: usize, max_time: Duration) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + max_time;
+        let clients = (0..CLIENTS)
+            .map(|_| {
+                let (stop, sent) = (stop.clone(), sent.clone());
+                tokio::spawn(async move {
+                    let mut connection = None;
+                    let mut pace = tokio::time::interval(PACE);
+                    pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    let mut seen = Vec::new();
+                    while !stop.load(Ordering::Relaxed)
+                        && Instant::now() < deadline
+                        && sent.fetch_add(1, Ordering::Relaxed) < max_requests
+                    {
+                        pace.tick().await;
+                        let at = Instant::now();
+                        let response =
+                            tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(&mut connection, port))
+                                .await
+                                .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+                        if response.is_err() {
+                            connection = None;
+                        }
+                        let response = response.ok();
+                        seen.push(Sent {
+                            at,
+                            seen: Seen {
+                                status: response.as_ref().map_or(0, |r| r.status),
+                                retry_after: response
+                                    .as_ref()
+                                    .is_some_and(|r| r.header("retry-after").is_some()),
+                                hits: response.and_then(|r| http::hits_in(&r.raw_body)),
+                                latency: at.elapsed(),
+                            },
+                        });
+                    }
+                    seen
+                })
+            })
+            .collect();
+        Self { stop, clients }
+    }
+
+    async fn stop(self) -> Vec<Sent> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut sent = Vec::new();
+        for client in self.clients {
+            sent.extend(client.await.unwrap());
+        }
+        sent
+    }
+}
+
+/// One `GET /` on `connection` (opened first if there is none); the connection is dropped
+/// when the proxy says it closes it.
+async fn exchange(
+    connection: &mut Option<TcpStream>,
+    port: u16,
+) -> std::io::Result<http::Response> {
+    if connection.is_none() {
+        *connection = Some(TcpStream::connect(("127.0.0.1", port)).await?);
+    }
+    let stream = connection.as_mut().unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .await?;
+    let mut bytes = Vec::with_capacity(512);
+    let mut buf = [0u8; 4096];
+    let response = loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        bytes.extend_from_slice(&buf[..n]);
+        if let Some(response) = http::parse(&bytes) {
+            let length = response
+                .header("content-length")
+                .and_then(|n| n.parse().ok());
+            if length.is_some_and(|n: usize| response.raw_body.len() >= n) {
+                break response;
+            }
+        }
+    };
+    if response
+        .header("connection")
+        .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    {
+        *connection = None;
+    }
+    Ok(response)
+}
+
+/// Runs `during` under [`Traffic`], with a second of load before and after it.
+async fn under_traffic(
+    port: u16,
+    max_time: Duration,
+    during: impl Future<Output = ()>,
+) -> Vec<Sent> {
+    let traffic = Traffic::start(port, 1_000_000, max_time);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    during.await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    traffic.stop().await
+}
+
+fn tally(sent: &[Sent]) -> Tally {
+    let seen: Vec<Seen> = sent.iter().map(|s| s.seen.clone()).collect();
+    Tally::of(&seen)
+}
+
+/// A scenario's result, for the summary at the end.
+struct Row {
+    scenario: &'static str,
+    tally: Tally,
+    count: i64,
+    took: Duration,
+}
+
+impl Row {
+    fn new(scenario: &'static str, tally: Tally, count: i64, started: Instant) -> Self {
+        tally.print(scenario, count);
+        Self {
+            scenario,
+            tally,
+            count,
+            took: started.elapsed(),
+        }
+    }
+}
+
+/// No failed request, and Redis counted exactly the 200s, each number once, without a gap.
+fn assert_nothing_lost(t: &Tally, before: i64, after: i64) {
+    assert_eq!(t.ok, t.requests, "requests failed");
+    assert_eq!(after - before, t.ok as i64, "Redis' count is not the 200s");
+    assert_eq!(
+        t.numbers,
+        (before + 1..=after).collect::<BTreeSet<_>>(),
+        "the numbers served have gaps"
+    );
+}
+
+/// The stack as deployed: one replica on each node, each serving, every count once.
+async fn deploy(c: &Cluster) -> Row {
+    let started = Instant::now();
+    let before = c.hits().await; // scripts/swarm up's own GET /
+    let web = c.serving(WEB).await;
+    // A bounded burst with the project's generator, a connection per request.
+    let seen = Load::run(c.port, 3_000, Duration::from_secs(60)).await;
+    let t = Tally::of(&seen);
+    let after = c.hits().await;
+    let mut served = Vec::new();
+    for task in &web {
+        served.push(c.page_views(&task.id).await.0);
+    }
+    let row = Row::new("deploy", t, after - before, started);
+    let nodes: BTreeSet<&str> = web.iter().map(|t| t.node.as_str()).collect();
+    println!("replicas on {nodes:?}; page views each (their logs, since the start): {served:?}");
+    assert_eq!(web.len(), REPLICAS);
+    let all: BTreeSet<String> = (1..=NODES).map(node_name).collect();
+    assert_eq!(
+        nodes,
+        all.iter().map(String::as_str).collect(),
+        "one replica on each node"
+    );
+    assert_nothing_lost(&row.tally, before, after);
+    assert!(
+        served.iter().all(|n| *n > 0),
+        "a replica served nothing: {served:?}"
+    );
+    assert_eq!(
+        served.iter().sum::<usize>() as i64,
+        after,
+        "every page view was logged once"
+    );
+    // As configured, not just as written: the containers Swarm made on each node.
+    let format = "{{.Config.User}} {{.HostConfig.ReadonlyRootfs}} {{.HostConfig.CapDrop}} {{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}";
+    for k in 1..=NODES {
+        let filter = format!("label=com.docker.swarm.service.name={WEB}");
+        let id = c
+            .node(k, &["docker", "ps", "-q", "--filter", &filter])
+            .await;
+        let config = c.node(k, &["docker", "inspect", "-f", format, &id]).await;
+        assert_eq!(
+            config, "10001:10001 true [ALL] 67108864 1000000000",
+            "node {k}: user, read-only root, capabilities, memory and CPU limits"
+        );
+    }
+    row
+}
+
+/// `docker service scale web=6`, then `web=2`, under load; back to 3 afterwards.
+async fn scale(c: &Cluster) -> Row {
+    let started = Instant::now();
+    let before = c.hits().await;
+    let mut took = Vec::new();
+    let sent = under_traffic(c.port, Duration::from_secs(180), async {
+        took.push(c.scale(6).await);
+        tokio::time::sleep(Duration::from_secs(2)).await; // traffic on all six
+        took.push(c.scale(2).await);
+    })
+    .await;
+    let after = c.hits().await;
+    let row = Row::new("scale 3->6->2", tally(&sent), after - before, started);
+    println!(
+        "scaled to 6 in {:.1?} (healthy), to 2 in {:.1?} (drained, gone)",
+        took[0], took[1]
+    );
+    assert_nothing_lost(&row.tally, before, after);
+    c.scale(REPLICAS).await;
+    row
+}
+
+/// The worker cut off from Redis's node (iptables in the worker's node: the overlay's VXLAN
+/// to that address is dropped) while the other nodes still reach it.
+async fn partition(c: &Cluster) -> Row {
+    c.spread().await;
+    let started = Instant::now();
+    let victim = c
+        .serving(WEB)
+        .await
+        .into_iter()
+        .find(|t| t.node == node_name(WORKER))
+        .expect("a replica on the worker");
+    let redis = node_address(REDIS_NODE);
+    let rule = |op: &str| {
+        format!("iptables {op} OUTPUT -d {redis} -j DROP && iptables {op} INPUT -s {redis} -j DROP")
+    };
+    let before = c.hits().await;
+    let mut cut = None;
+    let mut out_of_rotation = (0, 0);
+    let mut back_after = None;
+    let sent = under_traffic(c.port, Duration::from_secs(120), async {
+        let cutting = Instant::now();
+        c.node(WORKER, &["sh", "-c", &rule("-I")]).await;
+        cut = Some((cutting, Instant::now()));
+        tokio::time::sleep(DETECTION).await;
+        let first = c.page_views(&victim.id).await.1;
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        out_of_rotation = (first, c.page_views(&victim.id).await.1);
+        c.node(WORKER, &["sh", "-c", &rule("-D")]).await;
+        let during = out_of_rotation.1;
+        back_after = eventually(Duration::from_secs(10), async || {
+            c.page_views(&victim.id).await.1 > during
+        })
+        .await;
+    })
+    .await;
+    let after = c.hits().await;
+    // When the rule was being added, and when it was in place.
+    let (cut_at, cut_done) = cut.unwrap();
+    let t = tally(&sent);
+    let failed: Vec<&Sent> = sent.iter().filter(|s| s.seen.status != 200).collect();
+    let last_failure = failed
+        .iter()
+        .map(|s| s.at.saturating_duration_since(cut_at))
+        .max();
+    let row = Row::new("partition", t, after - before, started);
+    println!(
+        "503s: {} (the last sent {last_failure:.2?} after the cut); requests for / the cut-off replica logged 1 s and 5 s after the cut: {out_of_rotation:?}; back in the rotation {back_after:.2?} after the heal",
+        row.tally.unavailable
+    );
+    let t = &row.tally;
+    assert_eq!(t.other, 0, "failures other than 503");
+    assert_eq!(
+        t.unavailable_without_retry_after, 0,
+        "a 503 without Retry-After"
+    );
+    assert!(
+        t.max_failure_latency < Duration::from_secs(1),
+        "a 503 took {:?}",
+        t.max_failure_latency
+    );
+    // Only requests the proxy sent to the replica before its readiness check failed.
+    assert!(
+        failed
+            .iter()
+            .all(|s| s.at >= cut_at && s.at < cut_done + DETECTION),
+        "a 503 after the cut-off replica should have been out of the rotation"
+    );
+    assert_eq!(
+        out_of_rotation.0, out_of_rotation.1,
+        "the cut-off replica still got requests"
+    );
+    assert!(
+        back_after.is_some(),
+        "the replica was not back in the rotation after the heal"
+    );
+    // Liveness never asks Redis: Swarm left the cut-off replica alone.
+    let serving = c.serving(WEB).await;
+    assert!(
+        serving.iter().any(|t| t.id == victim.id),
+        "the cut-off replica was replaced"
+    );
+    // A 503's INCR may have reached Redis with its answer lost.
+    let count = after - before;
+    assert!(
+        count >= t.ok as i64 && count <= (t.ok + t.unavailable) as i64,
+        "count {count}"
+    );
+    row
+}
+
+/// `docker service update --image web:2` (the same binary, labelled as another release) under
+/// load: replica by replica, the new one healthy before the old one drains.
+async fn rolling_update(c: &Cluster) -> Row {
+    let pushing = Instant::now();
+    let image = c.swarm(&["push", "2"]).await;
+    let image = image.lines().last().unwrap().to_owned();
+    println!(
+        "scripts/swarm push 2 (build, load, push): {:.1?}",
+        pushing.elapsed()
+    );
+    let started = Instant::now();
+    let old = c.serving(WEB).await;
+    let before = c.hits().await;
+    let mut took = None;
+    let sent = under_traffic(c.port, Duration::from_secs(240), async {
+        c.docker(&["service", "update", "-d", "--image", &image, WEB])
+            .await;
+        took = eventually(Duration::from_secs(180), async || {
+            c.update_state().await == "completed"
+        })
+        .await;
+    })
+    .await;
+    let after = c.hits().await;
+    let row = Row::new("rolling update", tally(&sent), after - before, started);
+    let new = c.serving(WEB).await;
+    let ids: Vec<&str> = old.iter().map(|t| t.id.as_str()).collect();
+    let mut args = vec!["inspect", "--type", "task", "-f"];
+    args.push("{{.Status.State}} {{with .Status.ContainerStatus}}{{.ExitCode}}{{end}}");
+    args.extend(&ids);
+    let mut exits = String::new();
+    let stopped = eventually(Duration::from_secs(30), async || {
+        exits = c.docker(&args).await;
+        exits.lines().all(|l| l.starts_with("shutdown"))
+    })
+    .await;
+    println!(
+        "update completed in {took:.1?}; the old replicas: {:?}",
+        exits.lines().collect::<Vec<_>>()
+    );
+    assert!(
+        took.is_some(),
+        "the update did not complete: {}",
+        c.update_state().await
+    );
+    assert_nothing_lost(&row.tally, before, after);
+    assert_eq!(new.len(), REPLICAS);
+    let tag = image.rsplit('/').next().unwrap();
+    assert!(
+        new.iter()
+            .all(|t| t.image.contains(&format!("/{tag}@sha256:"))),
+        "a replica is not on {image}: {new:?}"
+    );
+    assert!(
+        stopped.is_some(),
+        "the old replicas did not all stop: {exits}"
+    );
+    assert!(
+        exits.lines().all(|l| l == "shutdown 0"),
+        "an old replica did not exit 0: {exits}"
+    );
+    row
+}
+
+/// A release that never becomes healthy (`PORT_REDIS=not-a-port`: the binary exits 2 at
+/// start-up): Swarm rolls it back by itself, and the old replicas never stop.
+async fn broken_release(c: &Cluster) -> Row {
+    let started = Instant::now();
+    let old: BTreeSet<String> = c.serving(WEB).await.into_iter().map(|t| t.id).collect();
+    let image = c
+        .docker(&[
+            "service",
+            "inspect",
+            "-f",
+            "{{.Spec.TaskTemplate.ContainerSpec.Image}}",
+            WEB,
+        ])
+        .await;
+    let before = c.hits().await;
+    let mut took = None;
+    let sent = under_traffic(c.port, Duration::from_secs(180), async {
+        c.docker(&[
+            "service",
+            "update",
+            "-d",
+            "--env-add",
+            "PORT_REDIS=not-a-port",
+            WEB,
+        ])
+        .await;
+        took = eventually(Duration::from_secs(150), async || {
+            c.update_state().await == "rollback_completed"
+        })
+        .await;
+    })
+    .await;
+    let after = c.hits().await;
+    let row = Row::new("broken release", tally(&sent), after - before, started);
+    let tasks = c.tasks(WEB).await;
+    let now: BTreeSet<String> = tasks
+        .iter()
+        .filter(|t| t.serving())
+        .map(|t| t.id.clone())
+        .collect();
+    let tried: Vec<&Task> = tasks
+        .iter()
+        .filter(|t| t.error.contains("exit (2)"))
+        .collect();
+    let spec = c
+        .docker(&[
+            "service",
+            "inspect",
+            "-f",
+            "{{json .Spec.TaskTemplate.ContainerSpec}}",
+            WEB,
+        ])
+        .await;
+    println!(
+        "rolled back in {took:.1?}; tasks of the broken release that exited 2: {}",
+        tried.len()
+    );
+    assert!(took.is_some(), "no rollback: {}", c.update_state().await);
+    assert_nothing_lost(&row.tally, before, after);
+    assert!(!tried.is_empty(), "the broken release never ran");
+    assert_eq!(now, old, "the old replicas were replaced");
+    assert!(
+        !spec.contains("not-a-port"),
+        "the spec was not rolled back: {spec}"
+    );
+    assert!(
+        spec.contains(&format!("\"Image\":\"{image}\"")),
+        "not on the old image: {spec}"
+    );
+    row
+}
+
+/// `docker node update --availability drain` on the worker under load, then active again.
+async fn drain(c: &Cluster) -> Row {
+    let started = Instant::now();
+    let worker = node_name(WORKER);
+    let on_worker: Vec<String> = c
+        .serving(WEB)
+        .await
+        .into_iter()
+        .filter(|t| t.node == worker)
+        .map(|t| t.id)
+        .collect();
+    let before = c.hits().await;
+    let mut took = None;
+    let sent = under_traffic(c.port, Duration::from_secs(120), async {
+        c.docker(&["node", "update", "--availability", "drain", &worker])
+            .await;
+        took = eventually(Duration::from_secs(60), async || {
+            let tasks = c.tasks(WEB).await;
+            tasks.iter().filter(|t| t.serving()).count() == REPLICAS
+                && !tasks
+                    .iter()
+                    .any(|t| t.node == worker && t.state == "Running")
+        })
+        .await;
+        c.docker(&["node", "update", "--availability", "active", &worker])
+            .await;
+    })
+    .await;
+    let after = c.hits().await;
+    let row = Row::new("worker drained", tally(&sent), after - before, started);
+    let mut args = vec!["inspect", "--type", "task", "-f"];
+    args.push("{{.Status.State}} {{with .Status.ContainerStatus}}{{.ExitCode}}{{end}}");
+    args.extend(on_worker.iter().map(String::as_str));
+    let exits = if on_worker.is_empty() {
+        String::new()
+    } else {
+        c.docker(&args).await
+    };
+    println!(
+        "{worker} drained, its replicas replaced elsewhere, in {took:.1?}; its replicas: {:?}",
+        exits.lines().collect::<Vec<_>>()
+    );
+    assert!(took.is_some(), "the drain did not move the replicas");
+    assert_nothing_lost(&row.tally, before, after);
+    assert!(
+        exits.lines().all(|l| l == "shutdown 0"),
+        "a drained replica did not exit 0: {exits}"
+    );
+    row
+}
+
+/// The worker's node frozen under load (`docker pause` of its container: the engine and the
+/// replica there stop dead, no FIN, no RST, as a machine that hangs or loses its network);
+/// Swarm declares it down and starts its replica elsewhere; then it comes back.
+async fn worker_lost(c: &Cluster) -> Row {
+    c.spread().await;
+    let started = Instant::now();
+    let worker = node_name(WORKER);
+    let before = c.hits().await;
+    let mut paused_at = None;
+    let (mut down, mut moved, mut ready) = (None, None, None);
+    let sent = under_traffic(c.port, Duration::from_secs(180), async {
+        host_docker(&["pause", &worker]).await;
+        paused_at = Some(Instant::now());
+        down = eventually(Duration::from_secs(60), async || {
+            c.node_status(WORKER).await == "down"
+        })
+        .await;
+        let paused = paused_at.unwrap();
+        moved = eventually(Duration::from_secs(60), async || {
+            let serving = c.serving(WEB).await;
+            serving.len() == REPLICAS && serving.iter().all(|t| t.node != worker)
+        })
+        .await
+        .map(|_| paused.elapsed());
+        host_docker(&["unpause", &worker]).await;
+        ready = eventually(Duration::from_secs(60), async || {
+            c.node_status(WORKER).await == "ready"
+        })
+        .await;
+    })
+    .await;
+    let paused_at = paused_at.unwrap();
+    // The frozen replica's requests may reach Redis once it thaws, before it is stopped.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = c.hits().await;
+    let failed: Vec<&Sent> = sent.iter().filter(|s| s.seen.status != 200).collect();
+    let row = Row::new("worker lost", tally(&sent), after - before, started);
+    let statuses: BTreeSet<u16> = failed.iter().map(|s| s.seen.status).collect();
+    println!(
+        "{worker} down after {down:.1?}; its replica running elsewhere {:.1?} after the pause; ready again {ready:.1?} after the unpause; failed: {} ({statuses:?}), the slowest {:.2?}",
+        moved,
+        failed.len(),
+        row.tally.max_failure_latency
+    );
+    assert!(down.is_some(), "Swarm never saw the node down");
+    assert!(
+        moved.is_some(),
+        "the lost replica was not started elsewhere"
+    );
+    assert!(ready.is_some(), "the node did not come back");
+    // Only the requests in flight on the frozen replica before the proxy's check took it out:
+    // each client has at most one (it waits for the proxy's timeout), each answered 504.
+    assert!(failed.len() <= CLIENTS, "{} failed", failed.len());
+    assert!(
+        failed.iter().all(|s| s.seen.status == 504),
+        "failures other than 504: {statuses:?}"
+    );
+    assert!(
+        failed.iter().all(|s| s.at < paused_at + DETECTION),
+        "a request failed after the proxy should have taken the frozen replica out"
+    );
+    assert!(
+        row.tally.max_failure_latency < PROXY_SERVER_TIMEOUT + Duration::from_secs(1),
+        "a failure took {:?}",
+        row.tally.max_failure_latency
+    );
+    let count = after - before;
+    let t = &row.tally;
+    assert!(count >= t.ok as i64, "an acknowledged count was lost");
+    assert!(
+        count <= (t.ok + failed.len()) as i64,
+        "counted more than the requests in doubt"
+    );
+    row
+}
+
+/// Redis's node frozen (`docker pause` of its container: Redis, the replica there and the
+/// engine) under load for 6 s, then back.
+async fn redis_node_lost(c: &Cluster) -> Row {
+    let started = Instant::now();
+    let node = node_name(REDIS_NODE);
+    let redis_before = c.serving(REDIS).await;
+    let before = c.hits().await;
+    let (mut paused_at, mut thawed_at, mut back) = (None, None, None);
+    let sent = under_traffic(c.port, Duration::from_secs(120), async {
+        host_docker(&["pause", &node]).await;
+        paused_at = Some(Instant::now());
+        // Shorter than Swarm takes to declare a node down (11 to 13 s here): Redis comes back
+        // as it was, on the same node.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        host_docker(&["unpause", &node]).await;
+        thawed_at = Some(Instant::now());
+        // Readiness through the proxy: 200 once a replica reaches Redis again (counts nothing).
+        back = eventually(Duration::from_secs(60), async || {
+            http::is_ok(c.port, "/readyz").await
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await; // the frozen replica's requests, thawed
+    let after = c.hits().await;
+    let (paused_at, thawed_at) = (paused_at.unwrap(), thawed_at.unwrap());
+    let redis_after = c.serving(REDIS).await;
+    let row = Row::new("redis node lost", tally(&sent), after - before, started);
+    let t = &row.tally;
+    let slow: Vec<&Sent> = sent
+        .iter()
+        .filter(|s| s.seen.status != 200 && s.seen.status != 503)
+        .collect();
+    let fast_503 = sent
+        .iter()
+        .filter(|s| s.seen.status == 503)
+        .map(|s| s.seen.latency)
+        .max()
+        .unwrap_or_default();
+    let ok_after = sent
+        .iter()
+        .filter(|s| s.seen.status == 200 && s.at > thawed_at)
+        .count();
+    let same_redis = redis_before.first().map(|t| &t.id) == redis_after.first().map(|t| &t.id);
+    println!(
+        "503s: {} (the slowest {fast_503:.2?}); other failures: {} (statuses {:?}, the slowest {:.2?}); 200 again {back:.2?} after the unpause ({ok_after} 200s after it); Redis task {}",
+        t.unavailable,
+        slow.len(),
+        slow.iter().map(|s| s.seen.status).collect::<BTreeSet<_>>(),
+        slow.iter()
+            .map(|s| s.seen.latency)
+            .max()
+            .unwrap_or_default(),
+        if same_redis {
+            "the same (never restarted)"
+        } else {
+            "replaced"
+        }
+    );
+    assert!(
+        t.unavailable > 0,
+        "Redis was never seen down: the scenario did not happen"
+    );
+    assert_eq!(
+        t.unavailable_without_retry_after, 0,
+        "a 503 without Retry-After"
+    );
+    assert!(fast_503 < Duration::from_secs(1), "a 503 took {fast_503:?}");
+    // The frozen node's own replica: the requests in flight on it, answered 504 after the
+    // proxy's timeout.
+    assert!(slow.len() <= CLIENTS, "{} slow failures", slow.len());
+    assert!(
+        slow.iter()
+            .all(|s| s.seen.status == 504 && s.at < paused_at + DETECTION),
+        "failures other than the frozen replica's requests in flight"
+    );
+    assert!(back.is_some(), "never ready again");
+    assert!(ok_after > 0, "no 200 after Redis's node came back");
+    let count = after - before;
+    let highest = t.numbers.last().copied().unwrap_or(before);
+    assert!(
+        after >= highest,
+        "count {after} below a number served, {highest}: counts were lost"
+    );
+    assert!(count >= t.ok as i64, "an acknowledged count was lost");
+    assert!(
+        count <= (t.ok + t.unavailable + slow.len()) as i64,
+        "counted more than the requests in doubt"
+    );
+    row
+}
+
+#[tokio::test]
+#[ignore = "needs a Docker engine: scripts/test runs it"]
+async fn a_3_node_swarm_loses_no_count_through_scaling_updates_rollbacks_drains_and_lost_nodes() {
+    let started = Instant::now();
+    let cluster = Cluster::up().await;
+    let mut rows = Vec::new();
+    rows.push(deploy(&cluster).await);
+    rows.push(scale(&cluster).await);
+    rows.push(partition(&cluster).await);
+    rows.push(rolling_update(&cluster).await);
+    rows.push(broken_release(&cluster).await);
+    rows.push(drain(&cluster).await);
+    rows.push(worker_lost(&cluster).await);
+    rows.push(redis_node_lost(&cluster).await);
+
+    println!(
+        "\n| scenario         | requests |    200s |  503s | other |  max lat.  | hits (Δ)    | took    |"
+    );
+    println!(
+        "|------------------|---------:|--------:|------:|------:|-----------:|------------:|--------:|"
+    );
+    for Row {
+        scenario,
+        tally: t,
+        count,
+        took,
+    } in &rows
+    {
+        println!(
+            "| {scenario:<16} | {:>8} | {:>7} | {:>5} | {:>5} | {:>10.1?} | {:>11} | {:>7.1?} |",
+            t.requests, t.ok, t.unavailable, t.other, t.max_latency, count, took
+        );
+    }
+    drop(cluster);
+    println!(
+        "the whole swarm test, cluster up and down included: {:.1?}",
+        started.elapsed()
+    );
+}
