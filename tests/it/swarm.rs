@@ -326,17 +326,9 @@ impl Traffic {
                         if response.is_err() {
                             connection = None;
                         }
-                        let response = response.ok();
                         seen.push(Sent {
                             at,
-                            seen: Seen {
-                                status: response.as_ref().map_or(0, |r| r.status),
-                                retry_after: response
-                                    .as_ref()
-                                    .is_some_and(|r| r.header("retry-after").is_some()),
-                                hits: response.and_then(|r| http::hits_in(&r.raw_body)),
-                                latency: at.elapsed(),
-                            },
+                            seen: Seen::of(response.ok(), at),
                         });
                     }
                     seen

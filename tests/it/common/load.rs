@@ -25,6 +25,20 @@ pub struct Seen {
     pub retry_after: bool,
 }
 
+impl Seen {
+    /// What `response` says (`None`: there was none) of a request sent at `started`.
+    pub fn of(response: Option<http::Response>, started: Instant) -> Self {
+        Self {
+            status: response.as_ref().map_or(0, |r| r.status),
+            retry_after: response
+                .as_ref()
+                .is_some_and(|r| r.header("retry-after").is_some()),
+            hits: response.and_then(|r| http::hits_in(&r.raw_body)),
+            latency: started.elapsed(),
+        }
+    }
+}
+
 /// A load running in the background until [`stop`](Self::stop)ped, `max_requests` were
 /// sent, or `max_time` passed.
 pub struct Load {
@@ -48,14 +62,7 @@ impl Load {
                     {
                         let started = Instant::now();
                         let response = http::get(port, "/").await.ok();
-                        seen.push(Seen {
-                            status: response.as_ref().map_or(0, |r| r.status),
-                            retry_after: response
-                                .as_ref()
-                                .is_some_and(|r| r.header("retry-after").is_some()),
-                            hits: response.and_then(|r| http::hits_in(&r.raw_body)),
-                            latency: started.elapsed(),
-                        });
+                        seen.push(Seen::of(response, started));
                     }
                     seen
                 })
