@@ -189,6 +189,17 @@ impl Cluster {
     }
 
     /// Every task of `service`, history included.
+    /// `<state> <exit code>` of each task in `ids`, a line each.
+    async fn task_exits(&self, ids: &[&str]) -> String {
+        if ids.is_empty() {
+            return String::new();
+        }
+        let mut args = vec!["inspect", "--type", "task", "-f"];
+        args.push("{{.Status.State}} {{with .Status.ContainerStatus}}{{.ExitCode}}{{end}}");
+        args.extend(ids);
+        self.docker(&args).await
+    }
+
     async fn tasks(&self, service: &str) -> Vec<Task> {
         let format =
             "{{.ID}}\t{{.Node}}\t{{.DesiredState}}\t{{.CurrentState}}\t{{.Image}}\t{{.Error}}";
@@ -614,12 +625,9 @@ async fn rolling_update(c: &Cluster) -> Row {
     let row = Row::new("rolling update", tally(&sent), after - before, started);
     let new = c.serving(WEB).await;
     let ids: Vec<&str> = old.iter().map(|t| t.id.as_str()).collect();
-    let mut args = vec!["inspect", "--type", "task", "-f"];
-    args.push("{{.Status.State}} {{with .Status.ContainerStatus}}{{.ExitCode}}{{end}}");
-    args.extend(&ids);
     let mut exits = String::new();
     let stopped = eventually(Duration::from_secs(30), async || {
-        exits = c.docker(&args).await;
+        exits = c.task_exits(&ids).await;
         exits.lines().all(|l| l.starts_with("shutdown"))
     })
     .await;
@@ -753,14 +761,8 @@ async fn drain(c: &Cluster) -> Row {
     .await;
     let after = c.hits().await;
     let row = Row::new("worker drained", tally(&sent), after - before, started);
-    let mut args = vec!["inspect", "--type", "task", "-f"];
-    args.push("{{.Status.State}} {{with .Status.ContainerStatus}}{{.ExitCode}}{{end}}");
-    args.extend(on_worker.iter().map(String::as_str));
-    let exits = if on_worker.is_empty() {
-        String::new()
-    } else {
-        c.docker(&args).await
-    };
+    let ids: Vec<&str> = on_worker.iter().map(String::as_str).collect();
+    let exits = c.task_exits(&ids).await;
     println!(
         "{worker} drained, its replicas replaced elsewhere, in {took:.1?}; its replicas: {:?}",
         exits.lines().collect::<Vec<_>>()
