@@ -227,20 +227,8 @@ fn a_taken_port_stops_start_up_with_exit_1_and_says_which() {
 async fn a_stdout_nobody_reads_never_blocks_serving_and_dropped_lines_are_counted() {
     const REQUESTS: usize = 8_000; // lines: far more than the pipe and the log queue hold
     const CLIENTS: usize = 16;
-    let port = free_port();
-    let child = binary()
-        .env("PORT", port.to_string())
-        .env("HOST_REDIS", "127.0.0.1")
-        .env("PORT_REDIS", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let up = crate::common::eventually(Duration::from_secs(5), async || {
-        crate::common::accepts(port).await
-    })
-    .await;
-    assert!(up.is_some(), "the service did not start");
+    let mut service = ServiceProcess::with_redis_piped(1, &[]).await;
+    let port = service.port;
 
     // Nobody reads stdout while these are served: the log writer soon blocks on the full pipe.
     let started = Instant::now();
@@ -254,17 +242,19 @@ async fn a_stdout_nobody_reads_never_blocks_serving_and_dropped_lines_are_counte
         assert!(statuses.iter().all(|s| *s == 200));
     }
     let served_in = started.elapsed();
-    crate::common::signal(child.id(), "TERM");
-    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let mut pipe = service.take_stdout();
+    let reader = std::thread::spawn(move || {
+        let mut stdout = String::new();
+        std::io::Read::read_to_string(&mut pipe, &mut stdout).map(|_| stdout)
+    });
+    let status = service.terminate().await;
+    let stdout = reader.join().unwrap().expect("the service's stdout");
 
-    let stdout = String::from_utf8_lossy(&output.stdout);
     println!(
         "{REQUESTS} requests in {served_in:?}; last line: {:?}",
         stdout.lines().last()
     );
-    assert!(output.status.success());
+    assert!(status.success());
     let dropped: u64 = stdout
         .lines()
         .last()

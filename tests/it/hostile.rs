@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::http::{self, parse};
 use crate::common::{
-    RedisServer, Rng, ServiceProcess, eventually, spawn_app, spawn_app_with, test_config,
+    RedisServer, ServiceProcess, eventually, spawn_app, spawn_app_with, test_config,
 };
 
 /// Requests that are not page views, and every status the service may answer them with.
@@ -373,6 +373,27 @@ async fn idle_connections_and_clients_that_stop_reading_are_closed_after_the_idl
     );
 }
 
+/// The p99 latency of `n` page views sent one after another, and their numbers; before each,
+/// `drip` runs (at most every 200 ms).
+async fn trickle(port: u16, n: usize, mut drip: impl FnMut()) -> (Duration, Vec<i64>) {
+    let mut latencies = Vec::with_capacity(n);
+    let mut numbers = Vec::with_capacity(n);
+    let mut last_drip = Instant::now();
+    for _ in 0..n {
+        if last_drip.elapsed() > Duration::from_millis(200) {
+            drip();
+            last_drip = Instant::now();
+        }
+        let started = Instant::now();
+        let response = http::get(port, "/").await.expect("a normal client got no answer");
+        latencies.push(started.elapsed());
+        numbers.push(response.hits());
+        tokio::time::sleep(Duration::from_millis(5)).await; // a steady trickle, not a burst
+    }
+    latencies.sort();
+    (latencies[n * 99 / 100], numbers)
+}
+
 #[tokio::test]
 async fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
     const SLOW: usize = 300;
@@ -380,6 +401,8 @@ async fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
     let redis = RedisServer::start().await;
     let service = ServiceProcess::with_redis(redis.port, &[]).await;
     let port = service.port;
+    // The same page views alone first: the baseline of this machine, now.
+    let (alone, mut numbers) = trickle(port, NORMAL, || {}).await;
 
     // Slowloris: each connection dribbles a header byte every 200 ms (never completing a
     // head within this test, so only their weight on the event loop is measured).
@@ -391,31 +414,19 @@ async fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
             s
         })
         .collect();
-    let mut latencies = Vec::with_capacity(NORMAL);
-    let mut numbers = BTreeSet::new();
-    let mut last_drip = Instant::now();
-    for _ in 0..NORMAL {
-        if last_drip.elapsed() > Duration::from_millis(200) {
-            for s in &mut slow {
-                let _ = s.write_all(b"a");
-            }
-            last_drip = Instant::now();
+    let (beside, more) = trickle(port, NORMAL, || {
+        for s in &mut slow {
+            let _ = s.write_all(b"a");
         }
-        let started = Instant::now();
-        let response = http::get(port, "/")
-            .await
-            .expect("a normal client got no answer");
-        latencies.push(started.elapsed());
-        assert_eq!(response.status, 200);
-        numbers.insert(response.hits());
-        tokio::time::sleep(Duration::from_millis(5)).await; // a steady trickle, not a burst
-    }
+    })
+    .await;
 
-    latencies.sort();
-    let p99 = latencies[latencies.len() * 99 / 100];
-    println!("p99 of {NORMAL} normal requests beside {SLOW} slowloris connections: {p99:?}");
-    assert!(p99 < Duration::from_millis(100), "p99 {p99:?}");
-    assert_eq!(numbers, (1..=NORMAL as i64).collect());
+    println!("p99 of {NORMAL} page views alone: {alone:?}; beside {SLOW} slowloris connections: {beside:?}");
+    // Blocked by them, each page view would wait for the dribbles (ms each); a busy machine
+    // moves both runs alike.
+    assert!(beside < alone * 5 + Duration::from_millis(50), "p99 {beside:?} against {alone:?}");
+    numbers.extend(more);
+    assert_eq!(numbers, (1..=2 * NORMAL as i64).collect::<Vec<_>>());
 }
 
 #[tokio::test]
@@ -473,16 +484,16 @@ async fn a_storm_of_connection_close_requests_counts_exactly() {
 
 /// One generated request that must not count as a page view, and whether the client should
 /// wait for an answer (a truncated request gets none: the client hangs up instead).
-fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
-    let request = match rng.below(13) {
-        0 => (0..1 + rng.below(200))
-            .map(|_| rng.below(256) as u8)
+fn bad_request(rng: &mut fastrand::Rng) -> (Vec<u8>, bool) {
+    let request = match rng.u64(..13) {
+        0 => (0..1 + rng.u64(..200))
+            .map(|_| rng.u64(..256) as u8)
             .chain(*b"\r\n\r\n")
             .collect(),
         1 => {
-            let method = rng.pick(&[
+            let method = rng.choice([
                 "POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS", "BREW", "get", "G3T",
-            ]);
+            ]).unwrap();
             format!("{method} / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").into_bytes()
         }
         2 => format!(
@@ -497,7 +508,7 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
         .into_bytes(),
         4 => format!(
             "GET / HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{}",
-            1 + rng.below(64),
+            1 + rng.u64(..64),
             ascii(rng, 10, 10)
         )
         .into_bytes(),
@@ -508,12 +519,12 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
         6 => b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n".to_vec(),
         7 => format!(
             "GET / HTTP/1.1\r\nHost: x\r\nX: {}\r\n\r\n",
-            "a".repeat(17_000 + rng.below(20_000) as usize)
+            "a".repeat(17_000 + rng.u64(..20_000) as usize)
         )
         .into_bytes(),
         8 => format!(
             "GET / {}\r\nHost: x\r\n\r\n",
-            rng.pick(&["HTTP/2.0", "HTTP/1.2", "HTTX/1.1", "HTTP/1", "http/1.1"])
+            rng.choice(["HTTP/2.0", "HTTP/1.2", "HTTX/1.1", "HTTP/1", "http/1.1"]).unwrap()
         )
         .into_bytes(),
         9 => {
@@ -521,13 +532,13 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
             // CR or LF, and never tab (both would still make a valid request).
             let mut line = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec();
             let at = loop {
-                let at = rng.below(line.len() as u64) as usize;
+                let at = rng.u64(..line.len() as u64) as usize;
                 if !matches!(line[at], b'\r' | b'\n') {
                     break at;
                 }
             };
             line[at] = loop {
-                let c = rng.below(32) as u8;
+                let c = rng.u64(..32) as u8;
                 if !matches!(c, b'\t' | b'\r' | b'\n') {
                     break c;
                 }
@@ -536,11 +547,11 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
         }
         10 => {
             let full = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
-            let cut = 1 + rng.below(full.len() as u64 - 2) as usize;
+            let cut = 1 + rng.u64(..full.len() as u64 - 2) as usize;
             return (full[..cut].to_vec(), false);
         }
         11 => {
-            let many: String = (0..101 + rng.below(100))
+            let many: String = (0..101 + rng.u64(..100))
                 .map(|i| format!("X-{i}: 1\r\n"))
                 .collect();
             format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").into_bytes()
@@ -555,10 +566,10 @@ fn bad_request(rng: &mut Rng) -> (Vec<u8>, bool) {
 }
 
 /// Printable ASCII, `min..=max` characters.
-fn ascii(rng: &mut Rng, min: u64, max: u64) -> String {
-    let n = min + rng.below(max - min + 1);
+fn ascii(rng: &mut fastrand::Rng, min: u64, max: u64) -> String {
+    let n = min + rng.u64(..max - min + 1);
     (0..n)
-        .map(|_| (b'!' + rng.below(94) as u8) as char)
+        .map(|_| (b'!' + rng.u64(..94) as u8) as char)
         .collect()
 }
 
@@ -632,7 +643,7 @@ async fn ten_thousand_generated_bad_requests_and_a_slowloris_batch_change_nothin
     let workers: Vec<_> = (0..WORKERS)
         .map(|w| {
             tokio::spawn(async move {
-                let mut rng = Rng::new(42 + w as u64);
+                let mut rng = fastrand::Rng::with_seed(42 + w as u64);
                 let mut good = Vec::new();
                 let mut statuses = BTreeMap::<Option<u16>, usize>::new();
                 for i in 0..BAD / WORKERS {

@@ -1,17 +1,15 @@
-//! The one integration-test binary: the real service over real HTTP against a real
-//! `redis-server` per test (see `common`).
+//! The fast tier (`cargo test`): the real service over real HTTP against a real
+//! `redis-server` per test, nothing else (see `common`).
 
+#[path = "../common/mod.rs"]
 mod common;
 
 mod api;
 mod cli;
-mod compose;
 mod harness;
 mod hostile;
 mod metrics;
 mod misbehaving_redis;
 mod redis_failures;
-mod scale_out;
 mod shutdown;
 mod store;
-mod swarm;

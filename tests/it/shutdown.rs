@@ -2,7 +2,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{RedisServer, ServiceProcess, accepts, eventually, http, spawn_app};
+use crate::common::{
+    RedisServer, ServiceProcess, accepts, eventually, http, spawn_app_with, test_config,
+};
 
 #[tokio::test]
 async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
@@ -16,7 +18,8 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
         let response = http::get(port, "/").await;
         (response, Instant::now())
     });
-    // The request is in the service once the service has a Redis command waiting.
+    // The page view's connection is open in the service (the scrape's own is the other one);
+    // with Redis asleep, the service cannot answer it before Redis wakes.
     let waiting = eventually(Duration::from_millis(500), async || {
         let metrics = http::get(port, "/metrics").await.unwrap().body();
         let open = http::metric(&metrics, "http_connections_open");
@@ -67,14 +70,17 @@ async fn sigterm_lets_the_in_flight_request_finish_then_exits_zero() {
 #[tokio::test]
 async fn readiness_turns_503_as_soon_as_shutdown_begins() {
     let redis = RedisServer::start().await;
-    let app = spawn_app(redis.port).await;
+    let mut config = test_config(redis.port);
+    config.redis_timeout = Duration::from_secs(5);
+    let app = spawn_app_with(config).await;
     let port = app.port;
     assert_eq!(app.get("/readyz").await.status, 200);
 
-    // A readiness probe waits on a stalled Redis while shutdown begins.
-    let sleeping = redis.asleep_for(0.5).await;
+    // A readiness probe waits on a stalled Redis (asleep for longer than the wait for the
+    // probe to arrive may take on a busy machine) while shutdown begins.
+    let sleeping = redis.asleep_for(3.0).await;
     let probe = tokio::spawn(async move { http::get(port, "/readyz").await });
-    let waiting = eventually(Duration::from_millis(300), async || {
+    let waiting = eventually(Duration::from_secs(2), async || {
         let metrics = app.get("/metrics").await.body();
         http::metric(&metrics, "http_connections_open").is_some_and(|open| open >= 2.0)
     })

@@ -1,7 +1,7 @@
 //! Scale-out, proven on loopback: a real redis-server (AOF, appendfsync always), 3 replicas of
 //! the binary (`HIT_COUNTER_BIN`: CI points it at the static release build) and Debian's
 //! HAProxy with the settings docker-compose.yml ships (deploy/haproxy/haproxy.cfg; only the
-//! replicas' addresses differ). One test per scenario, each on a fresh [`Cluster`], under a
+//! replicas' addresses differ). One test per scenario, each on a fresh [`Fleet`], under a
 //! steady load that records every response. Bounded in time and request count; each prints
 //! its row of the table in docs/testing.md (run with --nocapture to see it).
 
@@ -12,10 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::common::load::{Load, Tally, under_load};
+use crate::common::docker::page_views;
+use crate::common::load::{BURST, Load, Tally, under_load};
 use crate::common::{
     RedisServer, ServiceProcess, dies_with_test, eventually, free_port, haproxy_retried, http,
-    signal,
+    signal, tier,
 };
 
 fn repository_file(path: &str) -> PathBuf {
@@ -139,13 +140,13 @@ async fn replica(redis_port: u16) -> ServiceProcess {
 
 /// The fixture every scenario starts from: Redis with the strictest AOF, three replicas and
 /// HAProxy in front of them.
-struct Cluster {
+struct Fleet {
     redis: RedisServer,
     replicas: Vec<ServiceProcess>,
     proxy: Haproxy,
 }
 
-impl Cluster {
+impl Fleet {
     async fn start() -> Self {
         let redis =
             RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]).await;
@@ -171,14 +172,15 @@ fn ports(replicas: &[ServiceProcess]) -> Vec<u16> {
 }
 
 #[tokio::test]
-#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
 async fn conservation_every_request_is_one_distinct_gapless_count() {
-    let cluster = Cluster::start().await;
+    tier("haproxy");
+    let fleet = Fleet::start().await;
 
-    let seen = Load::run(cluster.proxy.port, 20_000, Duration::from_secs(60)).await;
+    let seen = Load::run(fleet.proxy.port, BURST, 20_000, Duration::from_secs(60)).await;
 
     let t = Tally::of(&seen);
-    let count = cluster.hits();
+    let count = fleet.hits();
     t.print("conservation", count);
     assert_eq!(t.requests, 20_000, "the run was cut short");
     assert_eq!(t.ok, t.requests, "requests failed");
@@ -187,43 +189,48 @@ async fn conservation_every_request_is_one_distinct_gapless_count() {
 }
 
 #[tokio::test]
-#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
 async fn a_replica_killed_under_load_fails_no_request_and_overcounts_only_its_in_flight() {
-    let mut cluster = Cluster::start().await;
-    let killed = cluster.replicas.remove(0);
+    tier("haproxy");
+    let mut fleet = Fleet::start().await;
+    let killed = fleet.replicas.remove(0);
 
-    let seen = under_load(cluster.proxy.port, 15_000, Duration::from_secs(30), async {
+    let mut killed_at = None;
+    let seen = under_load(fleet.proxy.port, BURST, Duration::from_secs(30), async {
         killed.signal("KILL");
+        killed_at = Some(Instant::now());
     })
     .await;
 
     let t = Tally::of(&seen);
-    let count = cluster.hits();
-    let retried = cluster.proxy.retried() as i64;
+    let count = fleet.hits();
+    let retried = fleet.proxy.retried();
+    let in_flight = seen.iter().filter(|s| s.spans(killed_at.unwrap())).count();
     t.print("replica SIGKILL", count);
     println!(
-        "retried by the proxy: {retried}; count - 200s = {}",
+        "retried by the proxy: {retried}; under way at the kill: {in_flight}; count - 200s = {}",
         count - t.ok as i64
     );
-    t.assert_replica_loss_survived(count, retried);
+    t.assert_replica_loss_survived(count, retried, in_flight);
 }
 
 #[tokio::test]
-#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
 async fn a_rolling_restart_under_load_fails_no_request() {
-    let mut cluster = Cluster::start().await;
+    tier("haproxy");
+    let mut fleet = Fleet::start().await;
     let mut exits = Vec::new();
 
     // Each replica in turn: start the new one (ready), point HAProxy at it, SIGTERM the old one.
     let seen = under_load(
-        cluster.proxy.port,
-        100_000,
+        fleet.proxy.port,
+        BURST,
         Duration::from_secs(60),
         async {
-            for i in 0..cluster.replicas.len() {
-                let fresh = replica(cluster.redis.port).await;
-                let mut old = std::mem::replace(&mut cluster.replicas[i], fresh);
-                cluster.proxy.reload(&ports(&cluster.replicas)).await;
+            for i in 0..fleet.replicas.len() {
+                let fresh = replica(fleet.redis.port).await;
+                let mut old = std::mem::replace(&mut fleet.replicas[i], fresh);
+                fleet.proxy.reload(&ports(&fleet.replicas)).await;
                 exits.push(old.terminate().await);
             }
         },
@@ -231,7 +238,7 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     .await;
 
     let t = Tally::of(&seen);
-    let count = cluster.hits();
+    let count = fleet.hits();
     t.print("rolling restart", count);
     assert!(
         exits.iter().all(|e| e.success()),
@@ -244,25 +251,17 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     assert_eq!(count, t.ok as i64, "conservation");
 }
 
-/// Page views a replica logged (one `request` line per request, at `RUST_LOG=info`).
-fn page_views(replica: &ServiceProcess) -> usize {
-    replica
-        .log()
-        .lines()
-        .filter(|l| l.contains(r#"path="/" status=200"#))
-        .count()
-}
-
 #[tokio::test]
-#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
 async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_healed() {
-    let cluster = Cluster::start().await;
+    tier("haproxy");
+    let fleet = Fleet::start().await;
     // The cut-off replica reaches Redis through a gate that holds connections but answers
     // nothing (a partition, as a replica sees one) until it starts forwarding to Redis.
     let gate = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gate_port = gate.local_addr().unwrap().port();
     let cut_off = ServiceProcess::with_redis(gate_port, &[("RUST_LOG", "info")]).await;
-    let cluster_redis_port = cluster.redis.port;
+    let fleet_redis_port = fleet.redis.port;
 
     // Alone behind a proxy, it is never ready: the proxy answers as a replica would.
     let alone = Haproxy::in_front_of(&[cut_off.port]).await;
@@ -279,7 +278,7 @@ async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_he
     assert_eq!(from_proxy.body(), from_replica.body());
 
     // Beside three replicas that reach Redis: out of the rotation, so no visitor sees a 503.
-    let mut all = ports(&cluster.replicas);
+    let mut all = ports(&fleet.replicas);
     all.push(cut_off.port);
     let proxy = Haproxy::in_front_of(&all).await;
     // HAProxy 2.6 puts a server in the rotation before its first check (no init-state yet):
@@ -294,17 +293,17 @@ async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_he
         "the cut-off replica was never taken out:\n{}",
         proxy.master_log()
     );
-    let seen = Load::run(proxy.port, 3_000, Duration::from_secs(30)).await;
+    let seen = Load::run(proxy.port, BURST, 3_000, Duration::from_secs(30)).await;
     let cut = Tally::of(&seen);
-    cut.print("replica cut off", cluster.hits());
+    cut.print("replica cut off", fleet.hits());
     assert_eq!(cut.ok, cut.requests, "a visitor saw the cut-off replica");
-    assert_eq!(page_views(&cut_off), 0);
+    assert_eq!(page_views(&cut_off.log(), Some(200)), 0);
 
     // Healed: back in the rotation within the health checks' interval.
     let opened = Instant::now();
     let forward = tokio::spawn(async move {
         while let Ok((mut client, _)) = gate.accept().await {
-            let to = cluster_redis_port;
+            let to = fleet_redis_port;
             tokio::spawn(async move {
                 let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", to)).await?;
                 tokio::io::copy_bidirectional(&mut client, &mut redis).await
@@ -312,14 +311,14 @@ async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_he
         }
     });
     let mut back_after = None;
-    let seen = under_load(proxy.port, 100_000, Duration::from_secs(30), async {
-        let back = eventually(Duration::from_secs(10), async || page_views(&cut_off) > 0).await;
+    let seen = under_load(proxy.port, BURST, Duration::from_secs(30), async {
+        let back = eventually(Duration::from_secs(10), async || page_views(&cut_off.log(), Some(200)) > 0).await;
         back_after = back.map(|_| opened.elapsed());
     })
     .await;
     forward.abort();
     let healed = Tally::of(&seen);
-    let count = cluster.hits();
+    let count = fleet.hits();
     healed.print("healed", count);
     println!("the healed replica served again {back_after:?} after the gate opened");
     assert!(back_after.is_some(), "the healed replica never came back");
@@ -328,22 +327,23 @@ async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_he
 }
 
 #[tokio::test]
-#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
 async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers() {
-    let mut cluster = Cluster::start().await;
+    tier("haproxy");
+    let mut fleet = Fleet::start().await;
     let mut recovered_after = Vec::new();
 
     // SIGTERM, then Redis starts again on the same port and AOF file.
     let seen = under_load(
-        cluster.proxy.port,
-        100_000,
+        fleet.proxy.port,
+        BURST,
         Duration::from_secs(60),
         async {
-            cluster.redis.stop().await;
+            fleet.redis.stop().await;
             tokio::time::sleep(Duration::from_millis(300)).await; // an outage, not a blip
-            cluster.redis.restart().await;
+            fleet.redis.restart().await;
             // Every replica, asked directly, serves again within a second.
-            for r in &cluster.replicas {
+            for r in &fleet.replicas {
                 let back = eventually(Duration::from_secs(5), async || {
                     http::is_ok(r.port, "/").await
                 })
@@ -356,7 +356,7 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
 
     let t = Tally::of(&seen);
     let direct = recovered_after.len() as i64;
-    let count = cluster.hits();
+    let count = fleet.hits();
     t.print("redis restart", count);
     println!(
         "replicas served 200 again {recovered_after:?} after Redis was back; count - 200s - {direct} probes = {}",
@@ -367,7 +367,7 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
         recovered_after.iter().all(|d| *d < Duration::from_secs(1)),
         "{recovered_after:?}"
     );
-    for r in &mut cluster.replicas {
+    for r in &mut fleet.replicas {
         assert!(r.is_running(), "a replica crashed");
     }
 }
@@ -408,8 +408,9 @@ fn fake_dns() -> (u16, Arc<AtomicUsize>) {
 }
 
 #[tokio::test]
-#[ignore = "needs HAProxy: scripts/test runs it (cargo test --test it scale_out -- --ignored)"]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
 async fn the_compose_proxy_configuration_finds_web_through_dns() {
+    tier("haproxy");
     let redis = RedisServer::start().await;
     let web = replica(redis.port).await;
     let (dns_port, queries) = fake_dns();

@@ -96,17 +96,67 @@ pub async fn request(port: u16, method: &str, path: &str) -> io::Result<Response
     send(port, raw.as_bytes()).await
 }
 
-/// Writes `raw` to 127.0.0.1:`port` and reads one response: up to its `Content-Length`, or
-/// until the server closes. No complete response (the server hung up first, or took longer
-/// than 10 s) is an error.
+/// Writes `raw` to 127.0.0.1:`port` on a new connection and reads one response: up to its
+/// `Content-Length`, or until the server closes. No complete response (the server hung up
+/// first, or took longer than [`EXCHANGE_TIMEOUT`]) is an error.
 pub async fn send(port: u16, raw: &[u8]) -> io::Result<Response> {
-    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange(port, raw))
+    bounded(async {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+        exchange(&mut stream, raw).await
+    })
+    .await
+}
+
+/// A client of 127.0.0.1:`port` that sends `GET`s one after another: on one connection kept
+/// open between them (`keep_alive`, opened again after an error or a `Connection: close`), or
+/// on a new connection each (`Connection: close`).
+pub struct Client {
+    port: u16,
+    keep_alive: bool,
+    stream: Option<TcpStream>,
+}
+
+impl Client {
+    pub fn new(port: u16, keep_alive: bool) -> Self {
+        Self {
+            port,
+            keep_alive,
+            stream: None,
+        }
+    }
+
+    pub async fn get(&mut self, path: &str) -> io::Result<Response> {
+        if !self.keep_alive {
+            return get(self.port, path).await;
+        }
+        let raw = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n");
+        let port = self.port;
+        let stream = &mut self.stream;
+        let response = bounded(async {
+            if stream.is_none() {
+                *stream = Some(TcpStream::connect(("127.0.0.1", port)).await?);
+            }
+            exchange(stream.as_mut().unwrap(), raw.as_bytes()).await
+        })
+        .await;
+        let closes = response.as_ref().map_or(true, |r| {
+            r.header("connection")
+                .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        });
+        if closes {
+            self.stream = None;
+        }
+        response
+    }
+}
+
+async fn bounded(exchange: impl Future<Output = io::Result<Response>>) -> io::Result<Response> {
+    tokio::time::timeout(EXCHANGE_TIMEOUT, exchange)
         .await
         .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
 }
 
-async fn exchange(port: u16, raw: &[u8]) -> io::Result<Response> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+async fn exchange(stream: &mut TcpStream, raw: &[u8]) -> io::Result<Response> {
     // A server may answer and close before reading everything (431, 400): read its answer
     // anyway, and report the write error only if there is none.
     let written = stream.write_all(raw).await;

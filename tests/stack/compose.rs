@@ -3,17 +3,17 @@
 //! 127.0.0.1 port, nothing else changed. One test per scenario, each on a compose project of
 //! its own that is removed afterwards (containers, network, volume, image), failed or not.
 //!
-//! They need a Docker engine, Compose and the stand-ins (`scripts/images`), so a plain
-//! `cargo test` skips them (`#[ignore]`); `scripts/test` runs them one at a time when an engine
-//! answers. Traffic goes only to the proxy's port on 127.0.0.1. Each prints its row of the
+//! They need a Docker engine, Compose and the stand-ins (`scripts/images`): `scripts/test` runs
+//! them one at a time when an engine answers (`HIT_COUNTER_TIERS=compose`). Traffic goes only to the proxy's port on 127.0.0.1. Each prints its row of the
 //! table in docs/testing.md (run with --nocapture to see it).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::common::load::{Load, Tally, under_load};
-use crate::common::{dies_with_test, eventually, free_port, haproxy_retried, http};
+use crate::common::docker::{count, docker, output, page_views, stdout, unix_seconds};
+use crate::common::load::{BURST, Load, Tally, under_load};
+use crate::common::{eventually, free_port, haproxy_retried, http, tier};
 
 const REPLICAS: usize = 3;
 
@@ -52,7 +52,7 @@ volumes:
 /// Removes every container, network, volume and image with [`LABEL`]: what an earlier run
 /// left when it was killed before its `Drop`s ran. Once per test binary, before the first
 /// stack. Returns how many it removed.
-fn remove_leftovers() -> usize {
+async fn remove_leftovers() -> usize {
     let filter = format!("label={LABEL}");
     let mut removed = 0;
     for (list, remove) in [
@@ -61,23 +61,10 @@ fn remove_leftovers() -> usize {
         (&["volume", "ls", "-q"], &["volume", "rm", "-f"]),
         (&["images", "-q"], &["rmi", "-f"]),
     ] {
-        let out = std::process::Command::new("docker")
-            .args(list)
-            .args(["--filter", &filter])
-            .output()
-            .expect("docker");
-        let ids: BTreeSet<String> = String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
+        let listed = docker(&[list, &["--filter", &filter]].concat()).await;
+        let ids: BTreeSet<&str> = listed.split_whitespace().collect();
         if !ids.is_empty() {
-            let status = std::process::Command::new("docker")
-                .args(remove)
-                .args(&ids)
-                .stdout(std::process::Stdio::null())
-                .status()
-                .expect("docker");
-            assert!(status.success(), "docker {remove:?} {ids:?} failed");
+            docker(&[remove, &ids.iter().copied().collect::<Vec<_>>()].concat()).await;
             removed += ids.len();
         }
     }
@@ -102,30 +89,6 @@ fn compose_command() -> Vec<String> {
     }
 }
 
-/// Runs a command to completion without blocking the runtime (the load keeps going).
-async fn run(program: &str, args: &[String]) -> std::process::Output {
-    let mut command = std::process::Command::new(program);
-    dies_with_test(&mut command);
-    tokio::process::Command::from(command)
-        .args(args)
-        .current_dir(repository())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("{program}: {e}"))
-}
-
-/// `docker <args>`, which must succeed; its stdout, trimmed.
-async fn docker(args: &[&str]) -> String {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    let out = run("docker", &args).await;
-    assert!(
-        out.status.success(),
-        "docker {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
-
 async fn inspect(id: &str, format: &str) -> String {
     docker(&["inspect", "-f", format, id]).await
 }
@@ -143,13 +106,11 @@ struct Stack {
 impl Stack {
     /// `up -d --build --scale web=N --wait` on a project named after the scenario.
     async fn up(scenario: &str, replicas: usize) -> Self {
-        static LEFTOVERS: std::sync::Once = std::sync::Once::new();
-        LEFTOVERS.call_once(|| {
-            let removed = remove_leftovers();
-            if removed > 0 {
-                println!("removed {removed} leftovers of an earlier, killed run");
-            }
-        });
+        static LEFTOVERS: tokio::sync::OnceCell<usize> = tokio::sync::OnceCell::const_new();
+        let removed = *LEFTOVERS.get_or_init(remove_leftovers).await;
+        if removed > 0 {
+            println!("removed {removed} leftovers of an earlier, killed run");
+        }
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let published = dir.path().join("test.yml");
@@ -172,17 +133,19 @@ impl Stack {
         stack
     }
 
+    /// `compose <args>` for this project.
+    fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(&self.compose[0]);
+        command
+            .args(&self.compose[1..])
+            .args(args)
+            .current_dir(repository());
+        command
+    }
+
     /// Runs `compose <args>` for this project; it must succeed. Its stdout, trimmed.
     async fn ok(&self, args: &[&str]) -> String {
-        let mut all = self.compose[1..].to_vec();
-        all.extend(args.iter().map(|a| a.to_string()));
-        let out = run(&self.compose[0], &all).await;
-        assert!(
-            out.status.success(),
-            "compose {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        stdout(self.command(args)).await
     }
 
     /// `up -d --no-recreate --scale web=N --wait`: replicas added or removed, the others left
@@ -217,10 +180,7 @@ impl Stack {
 
     /// Redis' `hits`, read inside the Redis container (its port is not published).
     async fn hits(&self) -> i64 {
-        let out = self
-            .ok(&["exec", "-T", "redis", "redis-cli", "GET", "hits"])
-            .await;
-        out.parse().unwrap_or(0)
+        count(&self.ok(&["exec", "-T", "redis", "redis-cli", "GET", "hits"]).await)
     }
 
     /// Exit codes of this project's containers that stopped since `since` (RFC 3339).
@@ -257,23 +217,8 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         // Containers, network, volume and this project's image, whether the test passed or not.
-        let mut args = self.compose[1..].to_vec();
-        args.extend(
-            [
-                "down",
-                "-v",
-                "--rmi",
-                "local",
-                "--remove-orphans",
-                "-t",
-                "20",
-            ]
-            .map(str::to_owned),
-        );
-        let _ = std::process::Command::new(&self.compose[0])
-            .args(args)
-            .current_dir(repository())
-            .output();
+        let down = ["down", "-v", "--rmi", "local", "--remove-orphans", "-t", "20"];
+        let _ = self.command(&down).output();
     }
 }
 
@@ -282,119 +227,14 @@ async fn engine_now() -> String {
     docker(&["info", "-f", "{{.SystemTime}}"]).await
 }
 
-/// Seconds since the Unix epoch of the RFC 3339 UTC time that `line` starts with
-/// (`2026-11-29T01:44:46.481622338Z ...`, as the engine writes them).
-fn unix_seconds(line: &str) -> f64 {
-    let time = line.split_whitespace().next().unwrap_or_default();
-    let (date, clock) = time.split_once('T').expect("an RFC 3339 time");
-    let number = |p: &str| p.parse::<f64>().expect("an RFC 3339 time");
-    let ymd: Vec<f64> = date.split('-').map(number).collect();
-    let hms: Vec<f64> = clock.trim_end_matches('Z').split(':').map(number).collect();
-    // Days since 1970-01-01 of a Gregorian date (Howard Hinnant's days_from_civil).
-    let (m, d) = (ymd[1] as i64, ymd[2] as i64);
-    let y = ymd[0] as i64 - i64::from(m <= 2);
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
-    days as f64 * 86_400.0 + hms[0] * 3600.0 + hms[1] * 60.0 + hms[2]
-}
-
-#[test]
-fn unix_seconds_reads_engine_times_across_midnight_and_years() {
-    assert_eq!(unix_seconds("1970-01-01T00:00:00Z"), 0.0);
-    assert_eq!(unix_seconds("2026-11-29T01:44:46.5Z x"), 1_795_916_686.5);
-    let before = unix_seconds("2026-12-31T23:59:59.75Z");
-    assert_eq!(unix_seconds("2027-01-01T00:00:00.25Z") - before, 0.5);
-    assert_eq!(
-        unix_seconds("2028-03-01T00:00:00Z") - unix_seconds("2028-02-28T00:00:00Z"),
-        2.0 * 86_400.0
-    );
-}
-
-/// Page views a replica logged, from its log (one `request` line per request).
-fn page_views(log: &str) -> usize {
-    log.lines()
-        .filter(|l| l.contains(r#"path="/" status=200"#))
-        .count()
-}
-
 #[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
-async fn compose_up_with_3_replicas_is_healthy_serves_every_count_once_and_runs_as_configured() {
-    let started = Instant::now();
-    let stack = Stack::up("conserve", REPLICAS).await;
-    let up_took = started.elapsed();
-    let web = stack.ids("web").await;
-    let redis = stack.one("redis").await;
-
-    let first = http::get(stack.port, "/")
-        .await
-        .expect("an answer through the proxy");
-    let seen = Load::run(stack.port, 20_000, Duration::from_secs(120)).await;
-
-    let t = Tally::of(&seen);
-    let count = stack.hits().await;
-    t.print("3 replicas", count);
-    println!("up --build --scale web=3 --wait: {up_took:.1?}");
-    assert_eq!(first.body(), "Hello World! 1 times.");
-    assert_eq!(web.len(), REPLICAS);
-    for id in web.iter().chain([&redis]) {
-        let health = inspect(id, "{{.State.Health.Status}}").await;
-        assert_eq!(health, "healthy", "{id}: by the engine's own health check");
-    }
-    assert_eq!(t.ok, t.requests, "requests failed");
-    assert_eq!(count, t.ok as i64 + 1, "Redis' count equals the 200s");
-    assert_eq!(t.numbers, (2..=count).collect(), "numbers have gaps");
-    let mut served = Vec::new();
-    for id in &web {
-        served.push(page_views(&docker(&["logs", id]).await));
-    }
-    println!("page views per replica (their access logs): {served:?}");
-    assert!(
-        served.iter().all(|n| *n > 0),
-        "a replica served nothing: {served:?}"
-    );
-    assert_eq!(served.iter().sum::<usize>(), t.ok + 1);
-
-    // As configured, not just as written: the running containers and their processes.
-    for id in &web {
-        assert_eq!(inspect(id, "{{.Config.User}}").await, "10001:10001");
-        assert_eq!(inspect(id, "{{.HostConfig.ReadonlyRootfs}}").await, "true");
-        assert_eq!(inspect(id, "{{.HostConfig.CapDrop}}").await, "[ALL]");
-        let pid = inspect(id, "{{.State.Pid}}").await;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .map(|v| v.split_whitespace().next().unwrap_or_default().to_owned())
-        };
-        assert_eq!(
-            field("Uid:").as_deref(),
-            Some("10001"),
-            "{id}: the process's user"
-        );
-        assert_eq!(
-            field("CapEff:").as_deref(),
-            Some("0000000000000000"),
-            "{id}: capabilities"
-        );
-    }
-    assert_eq!(
-        docker(&["port", &redis]).await,
-        "",
-        "Redis publishes no port on the host"
-    );
-}
-
-#[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
+    tier("compose");
     let stack = Stack::up("scale", REPLICAS).await;
     let before = stack.ids("web").await;
-    let load = Load::start(stack.port, 1_000_000, Duration::from_secs(180));
-    tokio::time::sleep(Duration::from_secs(1)).await; // under way
+    let load = Load::start(stack.port, BURST, usize::MAX, Duration::from_secs(180));
+    load.ends(200).await;
 
     stack.scale(5).await;
     let added: Vec<String> = stack
@@ -407,7 +247,7 @@ async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
     let mut first_traffic = Vec::new();
     for id in &added {
         let served = eventually(Duration::from_secs(10), async || {
-            page_views(&docker(&["logs", id]).await) > 0
+            page_views(&docker(&["logs", id]).await, Some(200)) > 0
         })
         .await;
         assert!(served.is_some(), "new replica {id} got no traffic");
@@ -418,7 +258,7 @@ async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
     }
     let scaled_down_at = engine_now().await;
     stack.scale(2).await;
-    tokio::time::sleep(Duration::from_secs(2)).await; // and on, with two
+    load.ends(200).await; // and on, with two
     let seen = load.stop().await;
 
     let t = Tally::of(&seen);
@@ -445,31 +285,37 @@ async fn scaling_3_to_5_to_2_under_load_fails_no_request() {
 }
 
 #[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn a_replica_killed_under_load_fails_no_request_and_overcounts_only_what_was_sent_twice() {
+    tier("compose");
     let stack = Stack::up("kill", REPLICAS).await;
     let victim = stack.one("web").await;
 
-    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(60), async {
+    let mut killed_at = None;
+    let seen = under_load(stack.port, BURST, Duration::from_secs(60), async {
         docker(&["kill", &victim]).await;
+        killed_at = Some(std::time::Instant::now());
     })
     .await;
 
     let t = Tally::of(&seen);
     let count = stack.hits().await;
-    let retried = haproxy_retried(&stack.proxy_log().await) as i64;
+    let retried = haproxy_retried(&stack.proxy_log().await);
+    // `docker kill` returns once the container is dead: what was under way then.
+    let in_flight = seen.iter().filter(|s| s.spans(killed_at.unwrap())).count();
     let restarts = inspect(&victim, "{{.RestartCount}}").await;
     t.print("docker kill", count);
     println!(
-        "sent twice by the proxy: {retried}; count - 200s = {}; the killed replica restarted {restarts} time(s)",
+        "sent twice by the proxy: {retried}; under way at the kill: {in_flight}; count - 200s = {}; the killed replica restarted {restarts} time(s)",
         count - t.ok as i64
     );
-    t.assert_replica_loss_survived(count, retried);
+    t.assert_replica_loss_survived(count, retried, in_flight);
 }
 
 #[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_count() {
+    tier("compose");
     let stack = Stack::up("redis", REPLICAS).await;
     let web_before = stack.ids("web").await;
     let mut started_before = Vec::new();
@@ -478,7 +324,7 @@ async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_cou
     }
     let mut back_after = Vec::new();
 
-    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(120), async {
+    let seen = under_load(stack.port, BURST, Duration::from_secs(120), async {
         for how in [&["restart", "redis"][..], &["kill", "redis"][..]] {
             stack.ok(how).await;
             if how[0] == "kill" {
@@ -517,28 +363,27 @@ async fn redis_restarted_and_killed_under_load_gives_fast_503s_and_keeps_the_cou
 }
 
 #[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn a_redeploy_under_load_fails_no_request_and_a_broken_one_is_rolled_back() {
+    tier("compose");
     let stack = Stack::up("redeploy", REPLICAS).await;
     let old = stack.ids("web").await;
     let since = engine_now().await;
     let compose = stack.compose.join(" ");
     let redeploy = |broken: bool| {
         let mut command = std::process::Command::new(repository().join("scripts/redeploy"));
-        dies_with_test(&mut command)
-            .env("COMPOSE", &compose)
-            .current_dir(repository());
+        command.env("COMPOSE", &compose).current_dir(repository());
         if broken {
             // New replicas that exit at start-up (exit 2: bad configuration), never healthy.
             command
                 .env("PORT_REDIS", "not-a-port")
                 .env("REDEPLOY_TIMEOUT", "20");
         }
-        tokio::process::Command::from(command).output()
+        output(command)
     };
 
-    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(240), async {
-        let out = redeploy(false).await.unwrap();
+    let seen = under_load(stack.port, BURST, Duration::from_secs(240), async {
+        let out = redeploy(false).await;
         assert!(
             out.status.success(),
             "scripts/redeploy: {}",
@@ -565,9 +410,9 @@ async fn a_redeploy_under_load_fails_no_request_and_a_broken_one_is_rolled_back(
     // A release that never becomes healthy: the new replicas are removed again, the running
     // ones serve on, and a second try does not pile up more.
     let mut outs = Vec::new();
-    let seen = under_load(stack.port, 1_000_000, Duration::from_secs(240), async {
+    let seen = under_load(stack.port, BURST, Duration::from_secs(240), async {
         for _ in 0..2 {
-            outs.push(redeploy(true).await.unwrap());
+            outs.push(redeploy(true).await);
         }
     })
     .await;
@@ -596,8 +441,9 @@ async fn a_redeploy_under_load_fails_no_request_and_a_broken_one_is_rolled_back(
 }
 
 #[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn the_count_survives_down_and_up_resets_with_down_v_and_stop_drains_to_exit_0() {
+    tier("compose");
     let stack = Stack::up("lifecycle", 2).await;
     let page = async || http::get(stack.port, "/").await.expect("an answer").hits();
     for n in 1..=3 {
@@ -660,54 +506,62 @@ fn tcp_counters(pid: &str) -> (u64, usize) {
 }
 
 /// What wrk reported: requests, requests per second, and errors (non-2xx answers and socket
-/// errors of every kind).
+/// errors of every kind). A report it cannot read fails the test.
 fn wrk_report(report: &str) -> (i64, f64, i64) {
-    let line = |needle: &str| {
+    let after = |needle: &str| {
         report
             .lines()
-            .find(|l| l.contains(needle))
-            .unwrap_or_default()
+            .find_map(|l| Some(l.split_once(needle)?.1.trim()))
     };
-    let first_number = |text: &str| text.split_whitespace().next().and_then(|n| n.parse().ok());
-    let requests = first_number(line("requests in")).unwrap_or(0);
-    let rate = line("Requests/sec:")
-        .trim_start_matches("Requests/sec:")
-        .trim()
-        .parse()
-        .unwrap_or(0.0);
-    let non_2xx: i64 = first_number(line("Non-2xx").rsplit(':').next().unwrap_or("0")).unwrap_or(0);
+    let number = |text: &str| {
+        text.trim_matches(|c: char| !c.is_ascii_digit() && c != '.')
+            .parse::<f64>()
+            .unwrap_or_else(|_| panic!("not a number in wrk's report: {text:?}\n{report}"))
+    };
+    let requests = report
+        .lines()
+        .find(|l| l.contains(" requests in "))
+        .and_then(|l| l.split_whitespace().next())
+        .map(number);
+    let rate = after("Requests/sec:").map(number);
+    let (Some(requests), Some(rate)) = (requests, rate) else {
+        panic!("not a wrk report:\n{report}");
+    };
+    // Both lines appear only when there are such errors.
+    let non_2xx = after("Non-2xx or 3xx responses:").map_or(0.0, number);
     // "Socket errors: connect 0, read 0, write 0, timeout 0"
-    let socket: i64 = line("Socket errors:")
-        .trim_start_matches(|c| c != ':')
-        .split(',')
-        .filter_map(|kind| kind.split_whitespace().last()?.parse::<i64>().ok())
-        .sum();
-    (requests, rate, non_2xx + socket)
+    let socket: f64 = after("Socket errors:").map_or(0.0, |counts| {
+        counts
+            .split(',')
+            .map(|kind| number(kind.split_whitespace().last().unwrap_or_default()))
+            .sum()
+    });
+    (requests as i64, rate, (non_2xx + socket) as i64)
+}
+
+#[test]
+fn wrk_reports_are_read_or_fail() {
+    let report = "  1000 requests in 2.00s, 1.2MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\nRequests/sec:    500.25\n";
+    assert_eq!(wrk_report(report), (1000, 500.25, 7));
+    let garbled = std::panic::catch_unwind(|| wrk_report("Requests/sec: n/a\n"));
+    assert!(garbled.is_err(), "an unreadable report read as something");
 }
 
 #[tokio::test]
-#[ignore = "needs a Docker engine and the stand-ins: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn two_minutes_of_load_through_the_proxy_without_an_error() {
+    tier("compose");
     let seconds: u64 = std::env::var("E2E_SUSTAINED_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(120);
+        .map_or(120, |s| s.parse().expect("E2E_SUSTAINED_SECS: seconds"));
     let stack = Stack::up("sustained", REPLICAS).await;
     let proxy_pid = inspect(&stack.one("proxy").await, "{{.State.Pid}}").await;
     let before = stack.hits().await;
     let (opens_before, _) = tcp_counters(&proxy_pid);
 
     let url = format!("http://127.0.0.1:{}/", stack.port);
-    let args = [
-        "-t2",
-        "-c32",
-        &format!("-d{seconds}s"),
-        "--timeout",
-        "5s",
-        &url,
-    ]
-    .map(str::to_owned);
-    let out = run("wrk", &args).await;
+    let mut wrk = std::process::Command::new("wrk");
+    wrk.args(["-t2", "-c32", &format!("-d{seconds}s"), "--timeout", "5s", &url]);
+    let out = output(wrk).await;
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
 
     let (opens_after, time_wait) = tcp_counters(&proxy_pid);
@@ -734,14 +588,15 @@ async fn two_minutes_of_load_through_the_proxy_without_an_error() {
 }
 
 #[tokio::test]
-#[ignore = "needs a Docker engine: scripts/test runs it"]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
 async fn leftovers_of_a_killed_run_are_removed_and_nothing_unlabelled_is_touched() {
+    tier("compose");
     let labelled = "hc-e2e-leftover";
     let unlabelled = format!("hc-e2e-unlabelled-{}", std::process::id());
     docker(&["network", "create", "--label", LABEL, labelled]).await;
     docker(&["network", "create", &unlabelled]).await;
 
-    let removed = remove_leftovers();
+    let removed = remove_leftovers().await;
     let networks = docker(&["network", "ls", "--format", "{{.Name}}"]).await;
     docker(&["network", "rm", &unlabelled]).await;
 

@@ -1,9 +1,11 @@
-//! Test harness: a real `redis-server` per test, the service on a free port (in this process,
-//! or the built binary), the one HTTP client ([`http`]), the one polling helper
-//! ([`eventually`]) and the load generator of the end-to-end tests ([`load`]).
+//! Test harness of every tier: a real `redis-server` per test, the service on a free port (in
+//! this process, or the built binary), the one HTTP client ([`http`]), the one polling helper
+//! ([`eventually`]), the one load generator ([`load`]) and the one command runner of the
+//! container tiers ([`docker`]).
 
 #![allow(dead_code)] // Each test module uses a different part of the harness.
 
+pub mod docker;
 pub mod http;
 pub mod load;
 
@@ -221,6 +223,7 @@ impl RedisServer {
 
     fn spawn(&mut self) {
         assert!(self.child.is_none(), "redis-server is already running");
+        require_redis_7();
         let child = dies_with_test(&mut Command::new("redis-server"))
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
@@ -308,6 +311,40 @@ impl RedisServer {
     }
 }
 
+/// The harness needs Redis 7 or later (`--enable-debug-command`): with an older one every test
+/// would fail with "redis-server did not start". Says so once, and ends the test binary.
+fn require_redis_7() {
+    static CHECKED: Once = Once::new();
+    CHECKED.call_once(|| {
+        let version = Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned());
+        let major = version.as_deref().ok().and_then(|v| {
+            v.split("v=").nth(1)?.split('.').next()?.parse::<u32>().ok()
+        });
+        if !major.is_some_and(|major| major >= 7) {
+            eprintln!(
+                "these tests need redis-server 7 or later on PATH (scripts/test installs it on Debian); found: {}",
+                version.map_or_else(|e| e.to_string(), |v| v.trim().to_owned())
+            );
+            std::process::exit(1);
+        }
+    });
+}
+
+/// The tiers beyond `cargo test` start HAProxy, compose stacks or a Docker Swarm: each test of
+/// theirs runs only when `HIT_COUNTER_TIERS` (comma-separated) names its tier, as scripts/test
+/// sets it. Otherwise it fails at once, starting nothing, so `cargo test -- --include-ignored`
+/// never starts a container.
+pub fn tier(name: &str) {
+    let asked = std::env::var("HIT_COUNTER_TIERS").unwrap_or_default();
+    assert!(
+        asked.split(',').any(|t| t.trim() == name),
+        "the {name} tier runs only when asked: HIT_COUNTER_TIERS={name} (scripts/test sets it)"
+    );
+}
+
 fn command(args: &[&str]) -> redis::Cmd {
     let mut cmd = redis::cmd(args[0]);
     for arg in &args[1..] {
@@ -327,6 +364,16 @@ impl Drop for RedisServer {
             );
         }
     }
+}
+
+/// Settings that point the service at the Redis on 127.0.0.1:`redis_port`, and `extra` ones.
+fn redis_vars(redis_port: u16, extra: &[(&str, &str)]) -> Vec<(String, String)> {
+    let port = redis_port.to_string();
+    [("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", port.as_str())]
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// Sends a signal by PID with kill(1): only to processes this test started.
@@ -437,13 +484,34 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts the binary on a free port and waits until it listens there.
     pub async fn start(vars: &[(&str, &str)]) -> Self {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        Self::launch(&vars.collect::<Vec<_>>(), false).await
+    }
+
+    /// Starts the binary against the Redis on 127.0.0.1:`redis_port`, with `extra` settings.
+    pub async fn with_redis(redis_port: u16, extra: &[(&str, &str)]) -> Self {
+        Self::launch(&redis_vars(redis_port, extra), false).await
+    }
+
+    /// As [`with_redis`](Self::with_redis), its stdout a pipe for the test to read (or not:
+    /// [`take_stdout`](Self::take_stdout)).
+    pub async fn with_redis_piped(redis_port: u16, extra: &[(&str, &str)]) -> Self {
+        Self::launch(&redis_vars(redis_port, extra), true).await
+    }
+
+    async fn launch(vars: &[(String, String)], piped: bool) -> Self {
         for _ in 0..START_ATTEMPTS {
             let port = free_port();
             let log = tempfile::NamedTempFile::new().unwrap();
+            let stdout = if piped {
+                Stdio::piped()
+            } else {
+                log.reopen().unwrap().into()
+            };
             let mut child = binary()
                 .env("PORT", port.to_string())
-                .envs(vars.iter().copied())
-                .stdout(log.reopen().unwrap())
+                .envs(vars.iter().cloned())
+                .stdout(stdout)
                 .stderr(Stdio::inherit())
                 .spawn()
                 .unwrap();
@@ -467,12 +535,9 @@ impl ServiceProcess {
         panic!("the service found no free port in {START_ATTEMPTS} attempts");
     }
 
-    /// Starts the binary against the Redis on 127.0.0.1:`redis_port`, with `extra` settings.
-    pub async fn with_redis(redis_port: u16, extra: &[(&str, &str)]) -> Self {
-        let port = redis_port.to_string();
-        let mut vars = vec![("HOST_REDIS", "127.0.0.1"), ("PORT_REDIS", port.as_str())];
-        vars.extend_from_slice(extra);
-        Self::start(&vars).await
+    /// The service's stdout, when started with a pipe for it.
+    pub fn take_stdout(&mut self) -> std::process::ChildStdout {
+        self.child.stdout.take().expect("started with a piped stdout")
     }
 
     pub fn pid(&self) -> u32 {
@@ -548,36 +613,16 @@ pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
 }
 
 /// Requests an HAProxy access log (its default HTTP format) shows as sent more than once: the
-/// retries field is not 0. Every request that may have counted twice is among them.
+/// retries field (`+N` when redispatched) is not 0. A line it cannot read fails the test.
 pub fn haproxy_retried(log: &str) -> usize {
+    let retries = |line: &str| {
+        let counters = line.split(' ').nth(10)?;
+        counters.rsplit('/').next()?.trim_start_matches('+').parse::<u32>().ok()
+    };
     log.lines()
         .filter(|line| line.contains("\"GET "))
-        .filter_map(|line| line.split(' ').nth(10))
-        .filter(|counters| counters.rsplit('/').next().is_some_and(|r| r != "0"))
+        .filter(|line| {
+            retries(line).unwrap_or_else(|| panic!("not an HAProxy HTTP log line: {line:?}")) > 0
+        })
         .count()
-}
-
-/// A tiny deterministic PRNG (xorshift64*), so generated inputs are the same on every run.
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Self(seed.max(1))
-    }
-
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    /// A number in `0..n`.
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len() as u64) as usize]
-    }
 }
