@@ -21,7 +21,11 @@ pub async fn output(mut command: Command) -> Output {
 
 /// Runs `command`, which must succeed; its stdout, trimmed.
 pub async fn stdout(command: Command) -> String {
-    let what = format!("{:?} {:?}", command.get_program(), command.get_args().collect::<Vec<_>>());
+    let what = format!(
+        "{:?} {:?}",
+        command.get_program(),
+        command.get_args().collect::<Vec<_>>()
+    );
     let out = output(command).await;
     assert!(
         out.status.success(),

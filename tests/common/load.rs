@@ -115,7 +115,12 @@ impl Load {
     }
 
     /// Runs until `max_requests` were sent or `max_time` passed.
-    pub async fn run(port: u16, shape: Shape, max_requests: usize, max_time: Duration) -> Vec<Seen> {
+    pub async fn run(
+        port: u16,
+        shape: Shape,
+        max_requests: usize,
+        max_time: Duration,
+    ) -> Vec<Seen> {
         Self::start(port, shape, max_requests, max_time)
             .stop_when_done()
             .await
@@ -128,7 +133,10 @@ impl Load {
             self.done.load(Ordering::Relaxed) >= target
         })
         .await;
-        assert!(under_way.is_some(), "the load stalled: fewer than {n} requests in 30 s");
+        assert!(
+            under_way.is_some(),
+            "the load stalled: fewer than {n} requests in 30 s"
+        );
     }
 
     /// Stops the clients now and returns every outcome.

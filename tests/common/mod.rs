@@ -323,7 +323,7 @@ fn require_redis_7() {
         let major = version.as_deref().ok().and_then(|v| {
             v.split("v=").nth(1)?.split('.').next()?.parse::<u32>().ok()
         });
-        if !major.is_some_and(|major| major >= 7) {
+        if major.is_none_or(|major| major < 7) {
             eprintln!(
                 "these tests need redis-server 7 or later on PATH (scripts/test installs it on Debian); found: {}",
                 version.map_or_else(|e| e.to_string(), |v| v.trim().to_owned())
@@ -537,7 +537,10 @@ impl ServiceProcess {
 
     /// The service's stdout, when started with a pipe for it.
     pub fn take_stdout(&mut self) -> std::process::ChildStdout {
-        self.child.stdout.take().expect("started with a piped stdout")
+        self.child
+            .stdout
+            .take()
+            .expect("started with a piped stdout")
     }
 
     pub fn pid(&self) -> u32 {
@@ -617,7 +620,12 @@ pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
 pub fn haproxy_retried(log: &str) -> usize {
     let retries = |line: &str| {
         let counters = line.split(' ').nth(10)?;
-        counters.rsplit('/').next()?.trim_start_matches('+').parse::<u32>().ok()
+        counters
+            .rsplit('/')
+            .next()?
+            .trim_start_matches('+')
+            .parse::<u32>()
+            .ok()
     };
     log.lines()
         .filter(|line| line.contains("\"GET "))

@@ -385,7 +385,9 @@ async fn trickle(port: u16, n: usize, mut drip: impl FnMut()) -> (Duration, Vec<
             last_drip = Instant::now();
         }
         let started = Instant::now();
-        let response = http::get(port, "/").await.expect("a normal client got no answer");
+        let response = http::get(port, "/")
+            .await
+            .expect("a normal client got no answer");
         latencies.push(started.elapsed());
         numbers.push(response.hits());
         tokio::time::sleep(Duration::from_millis(5)).await; // a steady trickle, not a burst
@@ -421,10 +423,15 @@ async fn hundreds_of_slow_clients_do_not_slow_down_normal_ones() {
     })
     .await;
 
-    println!("p99 of {NORMAL} page views alone: {alone:?}; beside {SLOW} slowloris connections: {beside:?}");
+    println!(
+        "p99 of {NORMAL} page views alone: {alone:?}; beside {SLOW} slowloris connections: {beside:?}"
+    );
     // Blocked by them, each page view would wait for the dribbles (ms each); a busy machine
     // moves both runs alike.
-    assert!(beside < alone * 5 + Duration::from_millis(50), "p99 {beside:?} against {alone:?}");
+    assert!(
+        beside < alone * 5 + Duration::from_millis(50),
+        "p99 {beside:?} against {alone:?}"
+    );
     numbers.extend(more);
     assert_eq!(numbers, (1..=2 * NORMAL as i64).collect::<Vec<_>>());
 }
@@ -491,9 +498,11 @@ fn bad_request(rng: &mut fastrand::Rng) -> (Vec<u8>, bool) {
             .chain(*b"\r\n\r\n")
             .collect(),
         1 => {
-            let method = rng.choice([
-                "POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS", "BREW", "get", "G3T",
-            ]).unwrap();
+            let method = rng
+                .choice([
+                    "POST", "PUT", "DELETE", "PATCH", "TRACE", "OPTIONS", "BREW", "get", "G3T",
+                ])
+                .unwrap();
             format!("{method} / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").into_bytes()
         }
         2 => format!(
@@ -524,7 +533,8 @@ fn bad_request(rng: &mut fastrand::Rng) -> (Vec<u8>, bool) {
         .into_bytes(),
         8 => format!(
             "GET / {}\r\nHost: x\r\n\r\n",
-            rng.choice(["HTTP/2.0", "HTTP/1.2", "HTTX/1.1", "HTTP/1", "http/1.1"]).unwrap()
+            rng.choice(["HTTP/2.0", "HTTP/1.2", "HTTX/1.1", "HTTP/1", "http/1.1"])
+                .unwrap()
         )
         .into_bytes(),
         9 => {

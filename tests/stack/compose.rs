@@ -180,7 +180,11 @@ impl Stack {
 
     /// Redis' `hits`, read inside the Redis container (its port is not published).
     async fn hits(&self) -> i64 {
-        count(&self.ok(&["exec", "-T", "redis", "redis-cli", "GET", "hits"]).await)
+        count(
+            &self
+                .ok(&["exec", "-T", "redis", "redis-cli", "GET", "hits"])
+                .await,
+        )
     }
 
     /// Exit codes of this project's containers that stopped since `since` (RFC 3339).
@@ -217,7 +221,15 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         // Containers, network, volume and this project's image, whether the test passed or not.
-        let down = ["down", "-v", "--rmi", "local", "--remove-orphans", "-t", "20"];
+        let down = [
+            "down",
+            "-v",
+            "--rmi",
+            "local",
+            "--remove-orphans",
+            "-t",
+            "20",
+        ];
         let _ = self.command(&down).output();
     }
 }
@@ -560,7 +572,14 @@ async fn two_minutes_of_load_through_the_proxy_without_an_error() {
 
     let url = format!("http://127.0.0.1:{}/", stack.port);
     let mut wrk = std::process::Command::new("wrk");
-    wrk.args(["-t2", "-c32", &format!("-d{seconds}s"), "--timeout", "5s", &url]);
+    wrk.args([
+        "-t2",
+        "-c32",
+        &format!("-d{seconds}s"),
+        "--timeout",
+        "5s",
+        &url,
+    ]);
     let out = output(wrk).await;
     let report = String::from_utf8_lossy(&out.stdout).into_owned();
 

@@ -222,19 +222,14 @@ async fn a_rolling_restart_under_load_fails_no_request() {
     let mut exits = Vec::new();
 
     // Each replica in turn: start the new one (ready), point HAProxy at it, SIGTERM the old one.
-    let seen = under_load(
-        fleet.proxy.port,
-        BURST,
-        Duration::from_secs(60),
-        async {
-            for i in 0..fleet.replicas.len() {
-                let fresh = replica(fleet.redis.port).await;
-                let mut old = std::mem::replace(&mut fleet.replicas[i], fresh);
-                fleet.proxy.reload(&ports(&fleet.replicas)).await;
-                exits.push(old.terminate().await);
-            }
-        },
-    )
+    let seen = under_load(fleet.proxy.port, BURST, Duration::from_secs(60), async {
+        for i in 0..fleet.replicas.len() {
+            let fresh = replica(fleet.redis.port).await;
+            let mut old = std::mem::replace(&mut fleet.replicas[i], fresh);
+            fleet.proxy.reload(&ports(&fleet.replicas)).await;
+            exits.push(old.terminate().await);
+        }
+    })
     .await;
 
     let t = Tally::of(&seen);
@@ -312,7 +307,10 @@ async fn a_replica_cut_off_from_redis_leaves_the_rotation_and_comes_back_when_he
     });
     let mut back_after = None;
     let seen = under_load(proxy.port, BURST, Duration::from_secs(30), async {
-        let back = eventually(Duration::from_secs(10), async || page_views(&cut_off.log(), Some(200)) > 0).await;
+        let back = eventually(Duration::from_secs(10), async || {
+            page_views(&cut_off.log(), Some(200)) > 0
+        })
+        .await;
         back_after = back.map(|_| opened.elapsed());
     })
     .await;
@@ -334,24 +332,19 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
     let mut recovered_after = Vec::new();
 
     // SIGTERM, then Redis starts again on the same port and AOF file.
-    let seen = under_load(
-        fleet.proxy.port,
-        BURST,
-        Duration::from_secs(60),
-        async {
-            fleet.redis.stop().await;
-            tokio::time::sleep(Duration::from_millis(300)).await; // an outage, not a blip
-            fleet.redis.restart().await;
-            // Every replica, asked directly, serves again within a second.
-            for r in &fleet.replicas {
-                let back = eventually(Duration::from_secs(5), async || {
-                    http::is_ok(r.port, "/").await
-                })
-                .await;
-                recovered_after.push(back.expect("a replica never recovered"));
-            }
-        },
-    )
+    let seen = under_load(fleet.proxy.port, BURST, Duration::from_secs(60), async {
+        fleet.redis.stop().await;
+        tokio::time::sleep(Duration::from_millis(300)).await; // an outage, not a blip
+        fleet.redis.restart().await;
+        // Every replica, asked directly, serves again within a second.
+        for r in &fleet.replicas {
+            let back = eventually(Duration::from_secs(5), async || {
+                http::is_ok(r.port, "/").await
+            })
+            .await;
+            recovered_after.push(back.expect("a replica never recovered"));
+        }
+    })
     .await;
 
     let t = Tally::of(&seen);

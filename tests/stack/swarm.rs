@@ -365,7 +365,10 @@ async fn scale(c: &Swarm) -> Row {
             views.len() == 6 && views.iter().all(|n| *n > 0)
         })
         .await;
-        assert!(all_six.is_some(), "not every replica got traffic: {views:?}");
+        assert!(
+            all_six.is_some(),
+            "not every replica got traffic: {views:?}"
+        );
         took.push(c.scale(2).await);
     })
     .await;
@@ -409,8 +412,14 @@ async fn partition(c: &Swarm) -> Row {
         c.node(WORKER, &["sh", "-c", &rule("-I")]).await;
         cut = Some((cutting, Instant::now()));
         // The proxy's readiness check takes it out, and says so in its log.
-        let out = eventually(Duration::from_secs(10), async || downs().await > downs_before).await;
-        assert!(out.is_some(), "the proxy never took the cut-off replica out");
+        let out = eventually(Duration::from_secs(10), async || {
+            downs().await > downs_before
+        })
+        .await;
+        assert!(
+            out.is_some(),
+            "the proxy never took the cut-off replica out"
+        );
         let first = c.page_views(&victim.id, None).await;
         // A window in which it must get no request.
         tokio::time::sleep(Duration::from_secs(4)).await;
@@ -766,10 +775,7 @@ async fn redis_node_lost(c: &Swarm) -> Row {
         t.max_503_latency,
         slow.len(),
         slow.iter().map(|s| s.status).collect::<BTreeSet<_>>(),
-        slow.iter()
-            .map(|s| s.latency)
-            .max()
-            .unwrap_or_default(),
+        slow.iter().map(|s| s.latency).max().unwrap_or_default(),
         if same_redis {
             "the same (never restarted)"
         } else {
