@@ -44,6 +44,10 @@ pub struct Config {
     /// `REDIS_TIMEOUT_MS`: the most one Redis operation (connect included) may take before the
     /// request is answered 503.
     pub redis_timeout: Duration,
+    /// `REDIS_WAIT_REPLICAS`: a page view's number is shown only once this many Redis replicas
+    /// hold it (`WAIT`); fewer within half of `REDIS_TIMEOUT_MS` is a 503. 0: no waiting, for a
+    /// Redis without replicas.
+    pub redis_wait_replicas: u32,
     /// `DRAIN_TIMEOUT_MS`: how long in-flight requests get to finish after SIGTERM.
     pub drain_timeout: Duration,
     /// `HEADER_READ_TIMEOUT_MS`: a request head must arrive completely within this long of the
@@ -76,6 +80,7 @@ pub mod defaults {
     pub const PORT: u16 = 5000;
     pub const RUST_LOG: &str = "info";
     pub const REDIS_TIMEOUT_MS: u64 = 500;
+    pub const REDIS_WAIT_REPLICAS: u32 = 0;
     pub const DRAIN_TIMEOUT_MS: u64 = 10_000;
     pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
     pub const IDLE_TIMEOUT_MS: u64 = 5_000;
@@ -105,6 +110,11 @@ impl Config {
             log_format: env.parse("LOG_FORMAT", LogFormat::Text, parse_log_format)?,
             log_filter: env.parse("RUST_LOG", defaults::RUST_LOG.to_owned(), parse_filter)?,
             redis_timeout: env.millis("REDIS_TIMEOUT_MS", defaults::REDIS_TIMEOUT_MS, 60_000)?,
+            redis_wait_replicas: env.parse(
+                "REDIS_WAIT_REPLICAS",
+                defaults::REDIS_WAIT_REPLICAS,
+                range(0, 100),
+            )?,
             drain_timeout: env.millis("DRAIN_TIMEOUT_MS", defaults::DRAIN_TIMEOUT_MS, 600_000)?,
             header_read_timeout: env.millis(
                 "HEADER_READ_TIMEOUT_MS",
@@ -280,7 +290,7 @@ mod tests {
         );
         assert_eq!(
             env_example.len(),
-            11,
+            12,
             "a variable is missing from .env.example"
         );
         for documented in [&readme, &env_example] {
@@ -301,6 +311,7 @@ mod tests {
             ("LOG_FORMAT", "json"),
             ("RUST_LOG", "hit_counter=debug,warn"),
             ("REDIS_TIMEOUT_MS", "250"),
+            ("REDIS_WAIT_REPLICAS", "2"),
             ("DRAIN_TIMEOUT_MS", "3000"),
             ("HEADER_READ_TIMEOUT_MS", "2000"),
             ("IDLE_TIMEOUT_MS", "1000"),
@@ -314,6 +325,7 @@ mod tests {
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.log_filter, "hit_counter=debug,warn");
         assert_eq!(c.redis_timeout, Duration::from_millis(250));
+        assert_eq!(c.redis_wait_replicas, 2);
         assert_eq!(c.drain_timeout, Duration::from_secs(3));
         assert_eq!(c.header_read_timeout, Duration::from_secs(2));
         assert_eq!(c.idle_timeout, Duration::from_secs(1));
@@ -413,6 +425,11 @@ mod tests {
             r#"REDIS_TIMEOUT_MS="0" is not a whole number from 1 to 60000"#
         );
         assert!(error("REDIS_TIMEOUT_MS", "60001").starts_with("REDIS_TIMEOUT_MS="));
+        assert_eq!(
+            error("REDIS_WAIT_REPLICAS", "-1"),
+            r#"REDIS_WAIT_REPLICAS="-1" is not a whole number from 0 to 100"#
+        );
+        assert!(error("REDIS_WAIT_REPLICAS", "101").starts_with("REDIS_WAIT_REPLICAS="));
         assert!(error("DRAIN_TIMEOUT_MS", "1.5").starts_with("DRAIN_TIMEOUT_MS="));
         assert!(error("HEADER_READ_TIMEOUT_MS", "").starts_with("HEADER_READ_TIMEOUT_MS="));
         assert!(error("IDLE_TIMEOUT_MS", "-5").starts_with("IDLE_TIMEOUT_MS="));
@@ -421,61 +438,67 @@ mod tests {
         assert!(error("MAX_HEADER_BYTES", "2000000").starts_with("MAX_HEADER_BYTES="));
     }
 
-    /// A stand-in for a fuzzer (cargo fuzz needs a nightly toolchain): 20,000 generated values,
-    /// fixed seed, for every variable. Parsing never panics, and every rejection names the
-    /// variable and quotes the value.
-    #[test]
-    fn arbitrary_values_never_panic_and_every_error_names_its_variable() {
-        const VARS: [&str; 11] = [
-            "HOST_REDIS",
-            "PORT_REDIS",
-            "PORT",
-            "LOG_FORMAT",
-            "RUST_LOG",
-            "REDIS_TIMEOUT_MS",
-            "DRAIN_TIMEOUT_MS",
-            "HEADER_READ_TIMEOUT_MS",
-            "IDLE_TIMEOUT_MS",
-            "MAX_CONNECTIONS",
-            "MAX_HEADER_BYTES",
-        ];
-        const PIECES: [&str; 16] = [
-            "0",
-            "1",
-            "9",
-            "65535",
-            "65536",
-            "-",
-            "+",
-            " ",
-            "\t",
-            "\n",
-            "\0",
-            "a",
-            ".",
-            ":",
-            "é",
-            "18446744073709551616",
-        ];
-        let mut state = 0x9E37_79B9_7F4A_7C15_u64;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for _ in 0..20_000 {
-            let var = VARS[(next() % VARS.len() as u64) as usize];
-            let value: String = (0..next() % 6)
-                .map(|_| PIECES[(next() % PIECES.len() as u64) as usize])
-                .collect();
-            if let Err(e) = config(&[(var, &value)]) {
+    const VARS: [&str; 12] = [
+        "HOST_REDIS",
+        "PORT_REDIS",
+        "PORT",
+        "LOG_FORMAT",
+        "RUST_LOG",
+        "REDIS_TIMEOUT_MS",
+        "REDIS_WAIT_REPLICAS",
+        "DRAIN_TIMEOUT_MS",
+        "HEADER_READ_TIMEOUT_MS",
+        "IDLE_TIMEOUT_MS",
+        "MAX_CONNECTIONS",
+        "MAX_HEADER_BYTES",
+    ];
+
+    /// Pieces values are made of: digits at and around the limits, signs, white space, control
+    /// and non-ASCII characters, a number past u64.
+    const PIECES: [&str; 16] = [
+        "0",
+        "1",
+        "9",
+        "65535",
+        "65536",
+        "-",
+        "+",
+        " ",
+        "\t",
+        "\n",
+        "\0",
+        "a",
+        ".",
+        ":",
+        "é",
+        "18446744073709551616",
+    ];
+
+    use proptest::prelude::*;
+
+    proptest! {
+        // A stand-in for a fuzzer (cargo fuzz needs a nightly toolchain).
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// Parsing never panics, and every rejection names the variable and quotes the value,
+        /// on one line.
+        #[test]
+        fn arbitrary_values_never_panic_and_every_error_names_its_variable(
+            var in proptest::sample::select(&VARS[..]),
+            value in prop_oneof![
+                proptest::collection::vec(proptest::sample::select(&PIECES[..]), 0..6)
+                    .prop_map(|pieces| pieces.concat()),
+                any::<String>(),
+            ],
+        ) {
+            if let Err(e) = config(&[(var, value.as_str())]) {
                 let message = e.to_string();
-                assert!(
+                prop_assert!(
                     message.starts_with(&format!("{var}={value:?} ")),
-                    "{message}"
+                    "{}",
+                    message
                 );
-                assert!(!message.contains('\n'), "one line: {message}");
+                prop_assert!(!message.contains('\n'), "one line: {}", message);
             }
         }
     }

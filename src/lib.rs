@@ -7,7 +7,8 @@
 //! - `GET /`: one atomic `INCR hits`, answers `Hello World! N times.`; 503 when Redis is not
 //!   available. `HEAD /` answers the same headers without counting.
 //! - `GET /livez`: 200 while the process runs (never touches Redis).
-//! - `GET /readyz`: 200 when Redis answers a PING in time; 503 otherwise and during shutdown.
+//! - `GET /readyz`: 200 when the address leads to a Redis primary that answers in time; 503
+//!   otherwise (a replica, a primary with too few replicas, no answer) and during shutdown.
 //! - `GET /metrics`: Prometheus metrics.
 //!
 //! Layout: [`config`] reads the environment, [`routes`] holds the handlers, [`store`] is the
@@ -68,14 +69,22 @@ impl App {
             .await
             .map_err(listen)?;
         let port = listener.local_addr().map_err(listen)?.port();
-        let counter = HitCounter::new(&config.redis_host, config.redis_port, config.redis_timeout)
-            .map_err(StartError::Redis)?;
+        let metrics = Arc::new(Metrics::default());
+        let counter = HitCounter::new(
+            &config.redis_host,
+            config.redis_port,
+            config.redis_timeout,
+            config.redis_wait_replicas,
+            metrics.store_counters(),
+        )
+        .map_err(StartError::Redis)?;
         tracing::info!(
             port,
             redis = %format_args!("{}:{}", config.redis_host, config.redis_port),
             log_format = config.log_format.as_str(),
             log_filter = %config.log_filter,
             redis_timeout_ms = config.redis_timeout.as_millis() as u64,
+            redis_wait_replicas = config.redis_wait_replicas,
             drain_timeout_ms = config.drain_timeout.as_millis() as u64,
             header_read_timeout_ms = config.header_read_timeout.as_millis() as u64,
             idle_timeout_ms = config.idle_timeout.as_millis() as u64,
@@ -89,7 +98,7 @@ impl App {
             port,
             state: AppState {
                 counter,
-                metrics: Arc::new(Metrics::default()),
+                metrics,
                 shutting_down: Arc::new(AtomicBool::new(false)),
             },
             config,

@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-use crate::store::ErrorKind;
+use crate::store::{ErrorKind, StoreCounters};
 
 /// The route label of a request: one of the router's own paths, or `other`, so scanners
 /// cannot create one time series per URL they try.
@@ -57,6 +57,7 @@ pub struct Metrics {
     redis_up: Gauge,
     connections_open: Gauge,
     connections_rejected: Counter,
+    store: StoreCounters,
 }
 
 /// Latency buckets from 100 µs to ~1.6 s: a loopback Redis answers in well under a
@@ -115,6 +116,20 @@ impl Default for Metrics {
             "Connections answered 503 and closed because MAX_CONNECTIONS were open",
             connections_rejected.clone(),
         );
+        let store = StoreCounters::default();
+        registry.register(
+            "redis_connections_replaced",
+            "Redis connections dropped for a fresh one, by reason: timeout (no answer), not_primary (readiness found a replica), or the refusal that said the node cannot take writes (readonly, noreplicas, masterdown, loading)",
+            store.replaced.clone(),
+        );
+        registry.register(
+            "page_views_unreplicated",
+            "Page views answered 503 because fewer than REDIS_WAIT_REPLICAS replicas acknowledged their INCR in time (each was counted, not shown)",
+            store.unreplicated.clone(),
+        );
+        for reason in StoreCounters::REASONS {
+            drop(store.replaced(reason));
+        }
         registry.register(
             "hit_counter_build",
             "Build information",
@@ -122,7 +137,7 @@ impl Default for Metrics {
         );
         // Series that exist from the start, at zero, so dashboards and alerts see them before
         // the first failure rather than "no data".
-        for command in ["INCR", "PING"] {
+        for command in ["INCR", "ROLE"] {
             drop(redis_duration.get_or_create(&CommandLabels { command }));
         }
         for kind in [ErrorKind::Unavailable, ErrorKind::Corrupt] {
@@ -138,6 +153,7 @@ impl Default for Metrics {
             redis_up,
             connections_open,
             connections_rejected,
+            store,
         }
     }
 }
@@ -172,6 +188,11 @@ impl Metrics {
         // A corrupt counter means Redis answered: it is up.
         self.redis_up
             .set(i64::from(failure != Some(ErrorKind::Unavailable)));
+    }
+
+    /// The counters the store updates itself (they share this registry).
+    pub fn store_counters(&self) -> StoreCounters {
+        self.store.clone()
     }
 
     /// A connection was accepted (`true`) or closed (`false`).

@@ -115,19 +115,20 @@ async fn livez() -> &'static str {
     "ok"
 }
 
-/// `GET /readyz`: Redis answers a PING in time, and shutdown has not begun. The JSON body
+/// `GET /readyz`: the address leads to a Redis primary that answers in time (with
+/// `REDIS_WAIT_REPLICAS` replicas), and shutdown has not begun. The JSON body
 /// says why not, for the person reading a probe failure.
 async fn readyz(State(state): State<AppState>) -> Response {
     let shutting_down = || state.shutting_down.load(Ordering::Relaxed);
     if shutting_down() {
         return readiness(Some("shutting down"));
     }
-    let ping = state.timed("PING", state.counter.ping()).await;
-    // Shutdown may have begun while the PING was out; the answer must say so.
+    let writable = state.timed("ROLE", state.counter.writable()).await;
+    // Shutdown may have begun while ROLE was out; the answer must say so.
     if shutting_down() {
         return readiness(Some("shutting down"));
     }
-    match ping {
+    match writable {
         Ok(()) => readiness(None),
         Err(e) => {
             tracing::warn!(error = %e, "readiness check failed");

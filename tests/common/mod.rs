@@ -8,6 +8,7 @@
 pub mod docker;
 pub mod http;
 pub mod load;
+pub mod relay;
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -228,6 +229,8 @@ impl RedisServer {
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--enable-debug-command", "local"])
+            // A replica syncs at once, not after the default 5 s wait for more replicas.
+            .args(["--repl-diskless-sync-delay", "0"])
             .arg("--dir")
             .arg(self.dir.path())
             .arg("--logfile")

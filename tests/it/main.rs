@@ -6,6 +6,7 @@ mod common;
 
 mod api;
 mod cli;
+mod failover;
 mod harness;
 mod hostile;
 mod metrics;

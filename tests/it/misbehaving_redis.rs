@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::common::relay::Relay;
 use crate::common::{RedisServer, ServiceProcess, eventually, http, spawn_app_with, test_config};
 
 const TIMEOUT_MS: u64 = 300;
@@ -265,62 +266,6 @@ async fn a_redis_that_closes_every_connection_gives_fast_503s_and_no_busy_loop()
     misbehaving_peer_is_survived(true).await;
 }
 
-/// A TCP relay in front of Redis that can cut the connections it carries without closing
-/// them, as a failover or a network fault leaves connections half-open, while new connections
-/// still get through.
-struct Relay {
-    port: u16,
-    opened: Arc<AtomicUsize>,
-    cut_below: Arc<AtomicUsize>,
-}
-
-impl Relay {
-    async fn to(upstream: u16) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (opened, cut_below) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let (o, c) = (opened.clone(), cut_below.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let id = o.fetch_add(1, Ordering::Relaxed);
-                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
-                    .await
-                    .unwrap();
-                let (client_read, client_write) = client.into_split();
-                let (server_read, server_write) = server.into_split();
-                tokio::spawn(forward(id, client_read, server_write, c.clone()));
-                tokio::spawn(forward(id, server_read, client_write, c.clone()));
-            }
-        });
-        Self {
-            port,
-            opened,
-            cut_below,
-        }
-    }
-
-    /// From now on the connections open so far carry nothing, and stay open.
-    fn cut_open_connections(&self) {
-        let opened = self.opened.load(Ordering::Relaxed);
-        self.cut_below.store(opened, Ordering::Relaxed);
-    }
-}
-
-async fn forward(
-    id: usize,
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    cut_below: Arc<AtomicUsize>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buf = [0u8; 4096];
-    while let Ok(n @ 1..) = from.read(&mut buf).await {
-        if id >= cut_below.load(Ordering::Relaxed) && to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 /// The case the connection swap in `store.rs` exists for: the old connection stays open and
 /// silent while a new one would be answered. redis-rs never gives up on such a connection by
 /// itself (this test fails with the swap removed).
@@ -344,7 +289,7 @@ async fn a_connection_left_open_but_silent_is_replaced_by_a_fresh_one() {
         "still failing: the silent connection was never replaced"
     );
     assert_eq!(
-        relay.opened.load(Ordering::Relaxed),
+        relay.opened(),
         2,
         "one fresh connection replaced the silent one"
     );

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use hit_counter::store::{ErrorKind, HitCounter};
+use hit_counter::store::{ErrorKind, HitCounter, StoreCounters};
 use tokio::runtime::Handle;
 
 use crate::common::{RedisServer, eventually, free_port};
@@ -11,8 +11,22 @@ use crate::common::{RedisServer, eventually, free_port};
 async fn errors_say_their_kind_and_carry_redis_own_words() {
     let redis = RedisServer::start().await;
     redis.run(&["SET", "hits", "abc"]);
-    let broken = HitCounter::new("127.0.0.1", redis.port, Duration::from_millis(300)).unwrap();
-    let nowhere = HitCounter::new("127.0.0.1", free_port(), Duration::from_millis(300)).unwrap();
+    let broken = HitCounter::new(
+        "127.0.0.1",
+        redis.port,
+        Duration::from_millis(300),
+        0,
+        StoreCounters::default(),
+    )
+    .unwrap();
+    let nowhere = HitCounter::new(
+        "127.0.0.1",
+        free_port(),
+        Duration::from_millis(300),
+        0,
+        StoreCounters::default(),
+    )
+    .unwrap();
 
     let corrupt = broken.incr_hits().await.unwrap_err();
     let unavailable = nowhere.incr_hits().await.unwrap_err();
@@ -34,7 +48,14 @@ async fn errors_say_their_kind_and_carry_redis_own_words() {
 #[tokio::test]
 async fn the_batcher_stops_when_the_last_counter_is_dropped() {
     let tasks = || Handle::current().metrics().num_alive_tasks();
-    let counter = HitCounter::new("127.0.0.1", free_port(), Duration::from_millis(300)).unwrap();
+    let counter = HitCounter::new(
+        "127.0.0.1",
+        free_port(),
+        Duration::from_millis(300),
+        0,
+        StoreCounters::default(),
+    )
+    .unwrap();
     let clone = counter.clone();
 
     drop(counter);
