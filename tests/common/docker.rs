@@ -69,5 +69,19 @@ pub fn unix_seconds(line: &str) -> f64 {
     let time = line.split_whitespace().next().unwrap_or_default();
     let time = OffsetDateTime::parse(time, &Rfc3339)
         .unwrap_or_else(|e| panic!("not an RFC 3339 time ({e}): {line:?}"));
-    time.unix_timestamp_nanos() as f64 / 1e9
+    time.unix_timestamp() as f64 + f64::from(time.nanosecond()) / 1e9
+}
+
+#[test]
+fn what_cannot_be_read_fails_the_test() {
+    assert_eq!(count(""), 0);
+    assert_eq!(count("42\n"), 42);
+    assert!(std::panic::catch_unwind(|| count("(error) WRONGTYPE")).is_err());
+    assert_eq!(
+        unix_seconds("2027-01-01T00:00:00.25Z x") - unix_seconds("2026-12-31T23:59:59.75Z"),
+        0.5
+    );
+    assert!(std::panic::catch_unwind(|| unix_seconds("yesterday")).is_err());
+    let log = "x path=\"/\" status=200\nx path=\"/\" status=503\nx path=\"/livez\" status=200\n";
+    assert_eq!((page_views(log, Some(200)), page_views(log, None)), (1, 2));
 }

@@ -61,7 +61,7 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
 
 /// `clients` concurrent visitors, each sending `each` `GET /` one after another; the numbers
 /// they were shown, in no particular order. Every answer must be a page.
-pub async fn page_views(port: u16, clients: usize, each: usize) -> Vec<i64> {
+pub async fn visitors(port: u16, clients: usize, each: usize) -> Vec<i64> {
     let clients: Vec<_> = (0..clients)
         .map(|_| {
             tokio::spawn(async move {

@@ -10,6 +10,7 @@ pub mod http;
 pub mod load;
 pub mod relay;
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
@@ -327,7 +328,9 @@ fn require_redis_7() {
             v.split("v=").nth(1)?.split('.').next()?.parse::<u32>().ok()
         });
         if major.is_none_or(|major| major < 7) {
-            eprintln!(
+            // Straight to stderr: libtest captures eprintln!, and exit skips printing it.
+            let _ = writeln!(
+                std::io::stderr(),
                 "these tests need redis-server 7 or later on PATH (scripts/test installs it on Debian); found: {}",
                 version.map_or_else(|e| e.to_string(), |v| v.trim().to_owned())
             );
@@ -636,4 +639,16 @@ pub fn haproxy_retried(log: &str) -> usize {
             retries(line).unwrap_or_else(|| panic!("not an HAProxy HTTP log line: {line:?}")) > 0
         })
         .count()
+}
+
+#[test]
+fn haproxy_logs_are_read_or_fail() {
+    let line = |retries: &str| {
+        format!(
+            "127.0.0.1:1 [04/Dec/2026:13:00:00.000] http web/r1 0/0/0/1/1 200 120 - - ---- 3/3/0/0/{retries} 0/0 \"GET / HTTP/1.1\"\n"
+        )
+    };
+    let log = [line("0"), line("2"), line("+1")].concat();
+    assert_eq!(haproxy_retried(&log), 2);
+    assert!(std::panic::catch_unwind(|| haproxy_retried("a \"GET / HTTP/1.1\" line")).is_err());
 }

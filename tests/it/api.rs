@@ -95,7 +95,7 @@ async fn concurrent_visitors_see_distinct_gapless_numbers() {
     let app = spawn_app(redis.port).await;
     let port = app.port;
 
-    let all = http::page_views(port, CLIENTS, EACH).await;
+    let all = http::visitors(port, CLIENTS, EACH).await;
 
     let total = (CLIENTS * EACH) as i64;
     let distinct: BTreeSet<i64> = all.iter().copied().collect();

@@ -89,3 +89,40 @@ fn a_test_binary_killed_with_sigkill_leaves_no_process_and_no_port_behind() {
         "still running or listening 1 s after the test binary was killed (pid, port): {left:?}"
     );
 }
+
+#[test]
+fn an_older_redis_server_is_named_once_and_ends_the_run() {
+    // A redis-server 6 first on PATH: what an older Debian or Ubuntu installs.
+    let bin = tempfile::tempdir().unwrap();
+    let fake = bin.path().join("redis-server");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Redis server v=6.0.16 sha=00000000:0 malloc=jemalloc-5.2.1 bits=64'\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        bin.path().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+
+    let run = dies_with_test(&mut Command::new(std::env::current_exe().unwrap()))
+        .args([HOLDER_TEST, "--exact", "--ignored"])
+        .env(HOLDER, "1")
+        .env("PATH", path)
+        .output()
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.matches("need redis-server 7 or later").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("v=6.0.16"),
+        "the version found is named: {stderr}"
+    );
+}

@@ -477,7 +477,7 @@ async fn a_storm_of_connection_close_requests_counts_exactly() {
     let service = ServiceProcess::with_redis(redis.port, &[]).await;
     let port = service.port;
 
-    let numbers: BTreeSet<i64> = http::page_views(port, CLIENTS, EACH)
+    let numbers: BTreeSet<i64> = http::visitors(port, CLIENTS, EACH)
         .await
         .into_iter()
         .collect();
