@@ -15,6 +15,8 @@ pub const CLIENTS: usize = 16;
 /// How the clients send.
 #[derive(Clone, Copy, Debug)]
 pub struct Shape {
+    /// Clients, each sending one request after another.
+    pub clients: usize,
     /// One connection per client, kept open, rather than one per request.
     pub keep_alive: bool,
     /// Each client sends at most one request this often.
@@ -24,6 +26,7 @@ pub struct Shape {
 /// A new connection per request, as fast as answers come: what a proxy does to its idle client
 /// connections (a reload closes them) is never mistaken for a failure of the service behind it.
 pub const BURST: Shape = Shape {
+    clients: CLIENTS,
     keep_alive: false,
     pace: None,
 };
@@ -31,6 +34,7 @@ pub const BURST: Shape = Shape {
 /// Kept-open connections, each client at most every 20 ms (800 requests a second): Docker's
 /// userland proxy runs out of ports after ~28k new connections a minute.
 pub const STEADY: Shape = Shape {
+    clients: CLIENTS,
     keep_alive: true,
     pace: Some(Duration::from_millis(20)),
 };
@@ -80,7 +84,7 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let (sent, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let deadline = Instant::now() + max_time;
-        let clients = (0..CLIENTS)
+        let clients = (0..shape.clients)
             .map(|_| {
                 let (stop, sent, done) = (stop.clone(), sent.clone(), done.clone());
                 tokio::spawn(async move {
@@ -170,6 +174,42 @@ pub async fn under_load(
     during.await;
     load.ends(AROUND).await;
     load.stop().await
+}
+
+/// The checks of a run in which the count must survive whatever happened to Redis, over
+/// every request: no number shown twice ([`Tally::of`]); a page view that ended before
+/// another began shows a smaller number (real-time order); Redis' final `count` is at least
+/// the highest number shown (none was lost).
+pub fn assert_linearizable(seen: &[Seen], count: i64) -> Tally {
+    let tally = Tally::of(seen);
+    let mut shown: Vec<(Instant, Instant, i64)> = seen
+        .iter()
+        .filter_map(|s| Some((s.at, s.at + s.latency, s.hits.filter(|_| s.status == 200)?)))
+        .collect();
+    // By end: the highest number of every view that had ended by a given instant.
+    shown.sort_by_key(|(_, end, _)| *end);
+    let mut highest_by_end = Vec::with_capacity(shown.len());
+    let mut highest = i64::MIN;
+    for (_, end, n) in &shown {
+        highest = highest.max(*n);
+        highest_by_end.push((*end, highest));
+    }
+    for (start, _, n) in &shown {
+        let ended_before = highest_by_end.partition_point(|(end, _)| end < start);
+        if let Some((_, before)) = ended_before.checked_sub(1).map(|i| highest_by_end[i]) {
+            assert!(
+                before < *n,
+                "real-time order broken: {n} shown after {before} had been shown"
+            );
+        }
+    }
+    if let Some(highest) = tally.numbers.last() {
+        assert!(
+            count >= *highest,
+            "count {count} below a number shown, {highest}: lost"
+        );
+    }
+    tally
 }
 
 /// What a scenario saw, summed up.

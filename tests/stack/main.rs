@@ -12,5 +12,6 @@
 mod common;
 
 mod compose;
+mod ha;
 mod haproxy;
 mod swarm;
