@@ -10,8 +10,8 @@
 //!
 //!   HIT_COUNTER_TIERS=ha cargo test --locked --test stack ha:: -- --ignored --nocapture
 //!
-//! `HA_ROUNDS=50` repeats the faults 50 times and prints the distribution of the failure
-//! windows: the soak (docs/testing.md), not run by CI. Needs redis-sentinel, HAProxy and
+//! `HA_FAULTS=50` goes on through the same faults, in turn, until 50 have happened, and prints
+//! the distribution of the failure windows: the soak (docs/testing.md), not run by CI. Needs redis-sentinel, HAProxy and
 //! root (iptables, for the cut); the cluster's addresses are fixed (127.0.0.2-7), so one run
 //! at a time.
 
@@ -182,7 +182,8 @@ fn assert_failures_bounded(timelines: &[Timeline], seen: &[Seen]) -> Vec<(Fault,
 #[ignore = "needs redis-sentinel, HAProxy and root (iptables): HIT_COUNTER_TIERS=ha (scripts/test)"]
 async fn failovers_lose_no_number_shown_and_never_show_one_twice_or_out_of_order() {
     tier("ha");
-    let rounds: usize = std::env::var("HA_ROUNDS").map_or(1, |n| n.parse().expect("HA_ROUNDS"));
+    let faults: usize =
+        std::env::var("HA_FAULTS").map_or(ROUND.len(), |n| n.parse().expect("HA_FAULTS"));
     let ha = Ha::up().await;
     let redis_port = ha.port.to_string();
     let mut replicas = Vec::new();
@@ -209,7 +210,7 @@ async fn failovers_lose_no_number_shown_and_never_show_one_twice_or_out_of_order
 
     let mut timelines: Vec<Timeline> = Vec::new();
     let mut failovers = Vec::new();
-    for fault in (0..rounds).flat_map(|_| ROUND) {
+    for fault in ROUND.into_iter().cycle().take(faults) {
         // A healthy cluster, and traffic on it.
         ha.run(&["wait-ready", "60"]).await;
         if let Some(last) = timelines.last_mut() {

@@ -21,8 +21,10 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::common::docker::{count, docker, page_views, stdout};
-use crate::common::load::{BURST, CLIENTS, Load, STEADY, Seen, Tally, under_load};
-use crate::common::{dies_with_test, eventually, free_port, http, tier};
+use crate::common::load::{
+    BURST, CLIENTS, Load, STEADY, Seen, Tally, assert_linearizable, under_load,
+};
+use crate::common::{dies_with_test, eventually, free_port, tier};
 
 /// The cluster's name (`SWARM_NAME`): its containers' and network's prefix and its label, apart
 /// from the default `hc-swarm` someone may be running by hand.
@@ -30,12 +32,14 @@ const NAME: &str = "hc-swarm-it";
 /// Its bridge network (`SWARM_SUBNET`): node K at .(10+K).
 const SUBNET_PREFIX: &str = "10.213.1";
 const NODES: usize = 3;
-/// scripts/swarm's layout: node 1 the manager (the proxy), node 2 Redis's node, node 3 a
-/// worker with nothing but a replica.
-const REDIS_NODE: usize = 2;
+/// scripts/swarm's layout: node 1 the manager (both proxies), each node a Redis node and a
+/// Sentinel (deploy/redis-ha/SWARM.md) and a web replica; node 3 the worker the scenarios drain,
+/// cut off and lose.
 const WORKER: usize = 3;
 const WEB: &str = "hit-counter_web";
 const PROXY: &str = "hit-counter_proxy";
+/// The Redis proxy (HAProxy in front of the three Redis nodes and their Sentinels): the one
+/// address the web replicas know.
 const REDIS: &str = "hit-counter_redis";
 const REPLICAS: usize = 3;
 
@@ -52,10 +56,6 @@ fn repository() -> &'static Path {
 
 fn node_name(k: usize) -> String {
     format!("{NAME}-{k}")
-}
-
-fn node_address(k: usize) -> String {
-    format!("{SUBNET_PREFIX}.{}", 10 + k)
 }
 
 /// One swarm task, as `docker service ps` lists it.
@@ -145,6 +145,66 @@ impl Swarm {
     /// Redis' `hits`, read inside the Redis task (its port is published nowhere).
     async fn hits(&self) -> i64 {
         count(&self.swarm(&["redis-cli", "GET", "hits"]).await)
+    }
+
+    /// The node (1..=3) of the Redis primary a majority of the Sentinels names, if any.
+    async fn primary(&self) -> Option<usize> {
+        let out = crate::common::docker::output(self.command(&["primary"])).await;
+        let k = String::from_utf8_lossy(&out.stdout).trim().parse().ok();
+        k.filter(|_| out.status.success())
+    }
+
+    /// The running task of `service` (the first, if it has several).
+    async fn task(&self, service: &str) -> Task {
+        self.serving(service).await.pop().expect("a running task")
+    }
+
+    /// `task`'s container, on its node: (node, container id).
+    async fn container(&self, task: &Task) -> (usize, String) {
+        let k = (1..=NODES)
+            .find(|k| node_name(*k) == task.node)
+            .expect("a node of this cluster");
+        let filter = format!("label=com.docker.swarm.task.id={}", task.id);
+        let id = self
+            .node(k, &["docker", "ps", "-q", "--filter", &filter])
+            .await;
+        assert!(!id.is_empty(), "no container for task {}", task.id);
+        (k, id)
+    }
+
+    /// `service`'s running task's address on the stack's network.
+    async fn task_address(&self, service: &str) -> String {
+        let (k, id) = self.container(&self.task(service).await).await;
+        let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}} {{end}}";
+        let addresses = self
+            .node(k, &["docker", "inspect", "-f", format, &id])
+            .await;
+        addresses
+            .split_whitespace()
+            .next()
+            .expect("an address")
+            .to_owned()
+    }
+
+    /// Adds (`-I`) or removes (`-D`) rules that drop everything between `task` and `peers`,
+    /// inside its container's network namespace: exactly that container is cut off, not its
+    /// node.
+    async fn cut(&self, task: &Task, peers: &[String], op: &str) {
+        let (k, id) = self.container(task).await;
+        let pid = self
+            .node(k, &["docker", "inspect", "-f", "{{.State.Pid}}", &id])
+            .await;
+        let rules: Vec<String> = peers
+            .iter()
+            .map(|p| {
+                format!("iptables {op} OUTPUT -d {p} -j DROP && iptables {op} INPUT -s {p} -j DROP")
+            })
+            .collect();
+        self.node(
+            k,
+            &["nsenter", "-t", &pid, "-n", "sh", "-c", &rules.join(" && ")],
+        )
+        .await;
     }
 
     /// Redis' `hits` once it has stopped moving for a second (at most 20 s): requests a frozen
@@ -383,8 +443,9 @@ async fn scale(c: &Swarm) -> Row {
     row
 }
 
-/// The worker cut off from Redis's node (iptables in the worker's node: the overlay's VXLAN
-/// to that address is dropped) while the other nodes still reach it.
+/// The worker's web replica cut off from Redis (iptables in its own network namespace: every
+/// packet to and from the Redis proxy's task is dropped) while the other replicas still reach
+/// it.
 async fn partition(c: &Swarm) -> Row {
     c.spread().await;
     let started = Instant::now();
@@ -394,10 +455,7 @@ async fn partition(c: &Swarm) -> Row {
         .into_iter()
         .find(|t| t.node == node_name(WORKER))
         .expect("a replica on the worker");
-    let redis = node_address(REDIS_NODE);
-    let rule = |op: &str| {
-        format!("iptables {op} OUTPUT -d {redis} -j DROP && iptables {op} INPUT -s {redis} -j DROP")
-    };
+    let redis = [c.task_address(REDIS).await];
     let before = c.hits().await;
     let downs = async || {
         let log = c.docker(&["service", "logs", "--raw", PROXY]).await;
@@ -409,7 +467,7 @@ async fn partition(c: &Swarm) -> Row {
     let mut back_after = None;
     let sent = under_load(c.port, STEADY, Duration::from_secs(120), async {
         let cutting = Instant::now();
-        c.node(WORKER, &["sh", "-c", &rule("-I")]).await;
+        c.cut(&victim, &redis, "-I").await;
         cut = Some((cutting, Instant::now()));
         // The proxy's readiness check takes it out, and says so in its log.
         let out = eventually(Duration::from_secs(10), async || {
@@ -424,7 +482,7 @@ async fn partition(c: &Swarm) -> Row {
         // A window in which it must get no request.
         tokio::time::sleep(Duration::from_secs(4)).await;
         out_of_rotation = (first, c.page_views(&victim.id, None).await);
-        c.node(WORKER, &["sh", "-c", &rule("-D")]).await;
+        c.cut(&victim, &redis, "-D").await;
         let during = out_of_rotation.1;
         back_after = eventually(Duration::from_secs(10), async || {
             c.page_views(&victim.id, None).await > during
@@ -661,6 +719,8 @@ async fn drain(c: &Swarm) -> Row {
 /// Swarm declares it down and starts its replica elsewhere; then it comes back.
 async fn worker_lost(c: &Swarm) -> Row {
     c.spread().await;
+    // The worker holds a Redis replica and a Sentinel too: all three whole before it goes.
+    c.swarm(&["redis-ready", "180"]).await;
     let started = Instant::now();
     let worker = node_name(WORKER);
     let before = c.hits().await;
@@ -730,85 +790,144 @@ async fn worker_lost(c: &Swarm) -> Row {
     row
 }
 
-/// Redis's node frozen (`docker pause` of its container: Redis, the replica there and the
-/// engine) under load for 6 s, then back.
-async fn redis_node_lost(c: &Swarm) -> Row {
+/// What happens to the primary Redis.
+#[derive(Clone, Copy, Debug)]
+enum PrimaryFault {
+    /// Its node frozen (`docker pause` of the node's container: Redis, its Sentinel, a web
+    /// replica and the engine).
+    NodeFrozen,
+    /// Cut off from the other Redis nodes and every Sentinel, but not from the Redis proxy
+    /// (its clients): the split brain across hosts.
+    CutOff,
+}
+
+/// A fault of the primary Redis (on a node other than the manager, which holds the way in):
+/// the fault lasts until the Sentinels have named
+/// another primary and `hold` has passed, then ends, and the scenario waits until the cluster
+/// is whole again (the old primary a replica in sync). Checks over every request: no number
+/// shown twice, real-time order, none lost; failures only until `bound` after the fault began,
+/// or while the old primary rejoined, and of those only 503s with `Retry-After` and the 504s of
+/// requests a frozen node's web replica held.
+async fn primary_fault(
+    c: &Swarm,
+    scenario: &'static str,
+    fault: PrimaryFault,
+    hold: Duration,
+    bound: Duration,
+) -> Row {
+    c.swarm(&["redis-ready", "180"]).await;
     let started = Instant::now();
-    let node = node_name(REDIS_NODE);
-    let redis_before = c.serving(REDIS).await;
+    let mut k = c.primary().await.expect("a primary");
+    if k == 1 {
+        k = c
+            .swarm(&["failover"])
+            .await
+            .parse()
+            .expect("the new primary's node");
+    }
+    let node = node_name(k);
+    let primary = c.task(&format!("hit-counter_redis-{k}")).await;
+    let mut peers = Vec::new();
+    for other in (1..=NODES).filter(|j| *j != k) {
+        peers.push(c.task_address(&format!("hit-counter_redis-{other}")).await);
+    }
+    for j in 1..=NODES {
+        peers.push(c.task_address(&format!("hit-counter_sentinel-{j}")).await);
+    }
     let before = c.hits().await;
-    let (mut paused_at, mut thawed_at, mut back) = (None, None, None);
-    let sent = under_load(c.port, STEADY, Duration::from_secs(240), async {
-        docker(&["pause", &node]).await;
-        paused_at = Some(Instant::now());
-        // Shorter than Swarm takes to declare a node down (11 to 13 s here): Redis comes back
-        // as it was, on the same node.
-        tokio::time::sleep(Duration::from_secs(6)).await;
-        docker(&["unpause", &node]).await;
-        thawed_at = Some(Instant::now());
-        // Readiness through the proxy: 200 once a replica reaches Redis again (counts nothing).
-        // Measured here: 0.002 to 38 s. While the node was unreachable the other nodes' Swarm
-        // DNS dropped its task, and `redis` resolves again only once their gossip has synced.
-        back = eventually(Duration::from_secs(150), async || {
-            http::is_ok(c.port, "/readyz").await
+    let (mut began, mut failed_over, mut ended, mut whole) = (None, None, None, None);
+    let sent = under_load(c.port, STEADY, Duration::from_secs(300), async {
+        began = Some(Instant::now());
+        match fault {
+            PrimaryFault::NodeFrozen => drop(docker(&["pause", &node]).await),
+            PrimaryFault::CutOff => c.cut(&primary, &peers, "-I").await,
+        }
+        failed_over = eventually(Duration::from_secs(60), async || {
+            c.primary().await.is_some_and(|p| p != k)
         })
         .await;
+        tokio::time::sleep(hold.saturating_sub(failed_over.unwrap_or_default())).await;
+        match fault {
+            PrimaryFault::NodeFrozen => drop(docker(&["unpause", &node]).await),
+            PrimaryFault::CutOff => c.cut(&primary, &peers, "-D").await,
+        }
+        ended = Some(Instant::now());
+        c.swarm(&["redis-ready", "180"]).await;
+        whole = Some(Instant::now());
     })
     .await;
     let after = c.settled_hits().await;
-    let (paused_at, thawed_at) = (paused_at.unwrap(), thawed_at.unwrap());
-    let redis_after = c.serving(REDIS).await;
-    let row = Row::new("redis node lost", Tally::of(&sent), after - before, started);
-    let t = &row.tally;
-    let slow: Vec<&Seen> = sent
+    let (began, ended, whole) = (began.unwrap(), ended.unwrap(), whole.unwrap());
+    let row = Row::new(
+        scenario,
+        assert_linearizable(&sent, after),
+        after - before,
+        started,
+    );
+    let failed: Vec<&Seen> = sent.iter().filter(|s| s.status != 200).collect();
+    let rejoining = failed.iter().filter(|s| s.at >= began + bound).count();
+    let last = failed
         .iter()
-        .filter(|s| s.status != 200 && s.status != 503)
-        .collect();
-    let ok_after = sent
-        .iter()
-        .filter(|s| s.status == 200 && s.at > thawed_at)
-        .count();
-    let same_redis = redis_before.first().map(|t| &t.id) == redis_after.first().map(|t| &t.id);
+        .map(|s| s.at.saturating_duration_since(began))
+        .max();
     println!(
-        "503s: {} (the slowest {:.2?}); other failures: {} (statuses {:?}, the slowest {:.2?}); 200 again {back:.2?} after the unpause ({ok_after} 200s after it); Redis task {}",
-        t.unavailable,
-        t.max_503_latency,
-        slow.len(),
-        slow.iter().map(|s| s.status).collect::<BTreeSet<_>>(),
-        slow.iter().map(|s| s.latency).max().unwrap_or_default(),
-        if same_redis {
-            "the same (never restarted)"
-        } else {
-            "replaced"
-        }
+        "primary on node {k}; a new one named {failed_over:.1?} after the fault began, which ended {:.1?} after; whole again {:.1?} after; {} failed (statuses {:?}), the last sent {last:.2?} after the fault began, {rejoining} while the old primary rejoined",
+        ended - began,
+        whole - began,
+        failed.len(),
+        failed.iter().map(|s| s.status).collect::<BTreeSet<_>>(),
     );
+    assert!(failed_over.is_some(), "the Sentinels never failed over");
     assert!(
-        t.unavailable > 0,
-        "Redis was never seen down: the scenario did not happen"
+        !failed.is_empty(),
+        "no request failed: the fault never showed"
     );
-    t.assert_503s_fast();
-    // The frozen node's own replica: the requests in flight on it, answered 504 after the
-    // proxy's timeout.
-    assert!(slow.len() <= CLIENTS, "{} slow failures", slow.len());
+    for s in &failed {
+        assert!(
+            s.at < began + bound || (s.at >= ended && s.at <= whole + Duration::from_secs(1)),
+            "a {} sent {:.2?} after the fault began",
+            s.status,
+            s.at - began
+        );
+        // 504: a request a frozen node's web replica held, until the proxy's timeout.
+        assert!(
+            (s.status == 503 && s.retry_after) || (s.status == 504 && s.at < began + DETECTION),
+            "a {} sent {:.2?} after the fault began",
+            s.status,
+            s.at - began
+        );
+    }
     assert!(
-        slow.iter()
-            .all(|s| s.status == 504 && s.at < paused_at + DETECTION),
-        "failures other than the frozen replica's requests in flight"
+        failed.iter().filter(|s| s.status == 504).count() <= CLIENTS,
+        "more 504s than requests in flight"
     );
-    assert!(back.is_some(), "never ready again");
-    assert!(ok_after > 0, "no 200 after Redis's node came back");
-    let count = after - before;
-    let highest = t.numbers.last().copied().unwrap_or(before);
+    // 503s whose INCR ran, and the frozen replica's requests that ran when it thawed.
     assert!(
-        after >= highest,
-        "count {after} below a number served, {highest}: counts were lost"
-    );
-    assert!(count >= t.ok as i64, "an acknowledged count was lost");
-    assert!(
-        count <= (t.ok + t.unavailable + slow.len()) as i64,
-        "counted more than the requests in doubt"
+        (after - before) as usize <= row.tally.ok + failed.len(),
+        "counted more than sent"
     );
     row
+}
+
+/// The primary's node frozen for 8 s, less than Swarm takes to declare a node down (11 to
+/// 16 s here), then thawed: the Sentinels fail over, and the old primary rejoins as a replica.
+async fn primary_node_lost(c: &Swarm) -> Row {
+    let (hold, bound) = (Duration::from_secs(8), Duration::from_secs(10));
+    primary_fault(
+        c,
+        "primary node lost",
+        PrimaryFault::NodeFrozen,
+        hold,
+        bound,
+    )
+    .await
+}
+
+/// The primary cut off for 10 s, longer than `min-replicas-max-lag` (5 s). Without `WAIT`, it
+/// would acknowledge writes that are thrown away when it rejoins.
+async fn primary_cut_off(c: &Swarm) -> Row {
+    let (hold, bound) = (Duration::from_secs(10), Duration::from_secs(15));
+    primary_fault(c, "primary cut off", PrimaryFault::CutOff, hold, bound).await
 }
 
 #[tokio::test]
@@ -825,7 +944,8 @@ async fn a_3_node_swarm_loses_no_count_through_scaling_updates_rollbacks_drains_
     rows.push(broken_release(&swarm).await);
     rows.push(drain(&swarm).await);
     rows.push(worker_lost(&swarm).await);
-    rows.push(redis_node_lost(&swarm).await);
+    rows.push(primary_node_lost(&swarm).await);
+    rows.push(primary_cut_off(&swarm).await);
 
     println!(
         "\n| scenario         | requests |    200s |  503s | other |  max lat.  | hits (Δ)    | took    |"
