@@ -220,6 +220,12 @@ fn parse_filter(value: &str) -> Result<String, String> {
     if value.trim().is_empty() {
         return Err("is not a log filter (e.g. info or hit_counter=debug)".to_owned());
     }
+    // tracing-subscriber 0.3.23 trims the filter before it walks it, then slices the untrimmed
+    // one with those offsets: leading white space before a multi-byte character panics
+    // (`RUST_LOG=" A🟰="`, found by the generated test below). Such a value is a typo anyway.
+    if value.trim() != value {
+        return Err("is not a log filter (white space around it)".to_owned());
+    }
     EnvFilter::builder()
         .parse(value)
         .map(|_| value.to_owned())
@@ -506,6 +512,10 @@ mod tests {
     #[test]
     fn bad_log_filter_is_rejected() {
         assert!(error("RUST_LOG", "").starts_with("RUST_LOG="));
+        assert_eq!(
+            error("RUST_LOG", " A\u{1F7F0}="),
+            "RUST_LOG=\" A\u{1F7F0}=\" is not a log filter (white space around it)"
+        );
         assert!(error("RUST_LOG", "info,[").starts_with("RUST_LOG="));
         assert!(config(&[("RUST_LOG", "debug")]).is_ok());
     }

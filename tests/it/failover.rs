@@ -7,6 +7,8 @@
 use std::time::{Duration, Instant};
 
 use crate::common::relay::Relay;
+
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 use crate::common::{RedisServer, TestApp, eventually, http, signal, spawn_app_with, test_config};
 
 /// Two Redis servers, A the primary and B its replica, caught up, and the service reaching A
@@ -19,6 +21,9 @@ async fn a_primary_and_its_replica(
     let relay = Relay::to(a.port).await;
     let mut config = test_config(relay.port);
     config.redis_wait_replicas = wait_replicas;
+    // WAIT gives up after half of it: 1 s, which a replica's acknowledgement meets even on a
+    // busy machine (250 ms, the default's half, did not always beside two busy loops).
+    config.redis_timeout = REDIS_TIMEOUT;
     let app = spawn_app_with(config).await;
     let synced = eventually(Duration::from_secs(10), async || {
         // The replication link is up (the full sync done), and the service sees the primary.
@@ -140,7 +145,7 @@ async fn with_wait_replicas_a_replica_that_stops_acknowledging_gives_503s_and_no
     let metrics = app.get("/metrics").await.body();
     signal(pid, "CONT");
     let mut number = None;
-    let back = eventually(Duration::from_secs(2), async || {
+    let back = eventually(Duration::from_secs(5), async || {
         number = http::hits_in(&app.get("/").await.raw_body);
         number.is_some()
     })

@@ -11,22 +11,8 @@ use crate::common::{RedisServer, eventually, free_port};
 async fn errors_say_their_kind_and_carry_redis_own_words() {
     let redis = RedisServer::start().await;
     redis.run(&["SET", "hits", "abc"]);
-    let broken = HitCounter::new(
-        "127.0.0.1",
-        redis.port,
-        Duration::from_millis(300),
-        0,
-        StoreCounters::default(),
-    )
-    .unwrap();
-    let nowhere = HitCounter::new(
-        "127.0.0.1",
-        free_port(),
-        Duration::from_millis(300),
-        0,
-        StoreCounters::default(),
-    )
-    .unwrap();
+    let broken = counter(redis.port);
+    let nowhere = counter(free_port());
 
     let corrupt = broken.incr_hits().await.unwrap_err();
     let unavailable = nowhere.incr_hits().await.unwrap_err();
@@ -48,14 +34,7 @@ async fn errors_say_their_kind_and_carry_redis_own_words() {
 #[tokio::test]
 async fn the_batcher_stops_when_the_last_counter_is_dropped() {
     let tasks = || Handle::current().metrics().num_alive_tasks();
-    let counter = HitCounter::new(
-        "127.0.0.1",
-        free_port(),
-        Duration::from_millis(300),
-        0,
-        StoreCounters::default(),
-    )
-    .unwrap();
+    let counter = counter(free_port());
     let clone = counter.clone();
 
     drop(counter);
@@ -72,4 +51,16 @@ async fn the_batcher_stops_when_the_last_counter_is_dropped() {
         "a task outlived every counter: {} alive",
         tasks()
     );
+}
+
+/// A counter of the Redis on 127.0.0.1:`port`, with a 300 ms timeout and no `WAIT`.
+fn counter(port: u16) -> HitCounter {
+    HitCounter::new(
+        "127.0.0.1",
+        port,
+        Duration::from_millis(300),
+        0,
+        StoreCounters::default(),
+    )
+    .unwrap()
 }
