@@ -478,7 +478,19 @@ async fn partition(c: &Swarm) -> Row {
             out.is_some(),
             "the proxy never took the cut-off replica out"
         );
-        let first = c.page_views(&victim.id, None).await;
+        // Requests it had already taken end within REDIS_TIMEOUT_MS (a 503 each): wait until
+        // its log stops growing for a second.
+        let mut first = c.page_views(&victim.id, None).await;
+        let mut since = Instant::now();
+        let quiet = eventually(Duration::from_secs(10), async || {
+            let now = c.page_views(&victim.id, None).await;
+            if now != first {
+                (first, since) = (now, Instant::now());
+            }
+            since.elapsed() >= Duration::from_secs(1)
+        })
+        .await;
+        assert!(quiet.is_some(), "the cut-off replica kept logging requests");
         // A window in which it must get no request.
         tokio::time::sleep(Duration::from_secs(4)).await;
         out_of_rotation = (first, c.page_views(&victim.id, None).await);
@@ -814,7 +826,7 @@ async fn primary_fault(
     fault: PrimaryFault,
     hold: Duration,
     bound: Duration,
-) -> Row {
+) -> (Row, usize) {
     c.swarm(&["redis-ready", "180"]).await;
     let started = Instant::now();
     let mut k = c.primary().await.expect("a primary");
@@ -906,7 +918,7 @@ async fn primary_fault(
         (after - before) as usize <= row.tally.ok + failed.len(),
         "counted more than sent"
     );
-    row
+    (row, k)
 }
 
 /// The primary's node frozen for 8 s, less than Swarm takes to declare a node down (11 to
@@ -921,13 +933,75 @@ async fn primary_node_lost(c: &Swarm) -> Row {
         bound,
     )
     .await
+    .0
 }
 
 /// The primary cut off for 10 s, longer than `min-replicas-max-lag` (5 s). Without `WAIT`, it
 /// would acknowledge writes that are thrown away when it rejoins.
-async fn primary_cut_off(c: &Swarm) -> Row {
+async fn primary_cut_off(c: &Swarm) -> (Row, usize) {
     let (hold, bound) = (Duration::from_secs(10), Duration::from_secs(15));
     primary_fault(c, "primary cut off", PrimaryFault::CutOff, hold, bound).await
+}
+
+/// The old primary's data lost (node `k`'s Redis, a replica since the last failover): its task
+/// stopped (`scale redis-K=0`), its volume removed on its node, the task started again empty.
+/// It must not be promoted before it has synced (`replica-priority 0` until then), and the
+/// count survives: the primary and the other replica hold it.
+async fn old_primary_volume_lost(c: &Swarm, k: usize) -> Row {
+    c.swarm(&["redis-ready", "180"]).await;
+    let started = Instant::now();
+    let primary = c.primary().await.expect("a primary");
+    assert_ne!(primary, k, "node {k} is the primary again");
+    let service = format!("hit-counter_redis-{k}");
+    let volume = format!("hit-counter_redis-{k}-data");
+    let before = c.hits().await;
+    let mut whole = None;
+    let sent = under_load(c.port, STEADY, Duration::from_secs(300), async {
+        c.docker(&["service", "scale", "-d", &format!("{service}=0")])
+            .await;
+        let stopped = eventually(Duration::from_secs(60), async || {
+            c.still_running(&service).await == 0
+        })
+        .await;
+        assert!(stopped.is_some(), "{service} did not stop");
+        // The stopped task's container still holds the volume.
+        let filter = format!("label=com.docker.swarm.service.name={service}");
+        let ids = c
+            .node(k, &["docker", "ps", "-aq", "--filter", &filter])
+            .await;
+        for id in ids.split_whitespace() {
+            c.node(k, &["docker", "rm", "-f", id]).await;
+        }
+        c.node(k, &["docker", "volume", "rm", &volume]).await;
+        c.docker(&["service", "scale", "-d", &format!("{service}=1")])
+            .await;
+        let ready = Instant::now();
+        c.swarm(&["redis-ready", "180"]).await;
+        whole = Some(ready.elapsed());
+    })
+    .await;
+    let after = c.settled_hits().await;
+    let row = Row::new(
+        "replica data lost",
+        assert_linearizable(&sent, after),
+        after - before,
+        started,
+    );
+    let synced = c.swarm(&["redis", &k.to_string(), "GET", "hits"]).await;
+    println!(
+        "redis-{k} (the primary: redis-{primary}) lost its volume; whole again {whole:.1?} after it started empty; it holds {synced}"
+    );
+    row.tally.assert_only_fast_503s();
+    assert!(
+        after >= before + row.tally.ok as i64,
+        "an acknowledged count was lost"
+    );
+    assert_eq!(
+        c.primary().await,
+        Some(primary),
+        "the emptied replica was promoted"
+    );
+    row
 }
 
 #[tokio::test]
@@ -945,7 +1019,9 @@ async fn a_3_node_swarm_loses_no_count_through_scaling_updates_rollbacks_drains_
     rows.push(drain(&swarm).await);
     rows.push(worker_lost(&swarm).await);
     rows.push(primary_node_lost(&swarm).await);
-    rows.push(primary_cut_off(&swarm).await);
+    let (row, old_primary) = primary_cut_off(&swarm).await;
+    rows.push(row);
+    rows.push(old_primary_volume_lost(&swarm, old_primary).await);
 
     println!(
         "\n| scenario         | requests |    200s |  503s | other |  max lat.  | hits (Δ)    | took    |"
