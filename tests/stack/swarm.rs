@@ -709,6 +709,9 @@ async fn broken_release(c: &Swarm) -> Row {
 
 /// `docker node update --availability drain` on the worker under load, then active again.
 async fn drain(c: &Swarm) -> Row {
+    // One replica on each node first: after an update Swarm may have left none on the worker,
+    // and a drain of nothing proves nothing (this assertion caught exactly that).
+    c.spread().await;
     let started = Instant::now();
     let worker = node_name(WORKER);
     let on_worker: Vec<String> = c
