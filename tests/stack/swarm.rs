@@ -1013,7 +1013,7 @@ async fn old_primary_volume_lost(c: &Swarm, k: usize) -> Row {
     .await;
     let after = c.settled_hits().await;
     let row = Row::new(
-        "replica data lost",
+        "old primary data lost",
         assert_linearizable(&sent, after),
         after - before,
         started,
