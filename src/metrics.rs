@@ -127,7 +127,7 @@ impl Default for Metrics {
             "Page views answered 503 because fewer than REDIS_WAIT_REPLICAS replicas acknowledged their INCR in time (each was counted, not shown)",
             store.unreplicated.clone(),
         );
-        for reason in StoreCounters::REASONS {
+        for reason in StoreCounters::reasons() {
             drop(store.replaced(reason));
         }
         registry.register(

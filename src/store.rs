@@ -40,10 +40,16 @@ pub const HITS_KEY: &str = "hits";
 /// node the address may lead to can: a replica (after a failover), a primary that lost its
 /// replicas (`min-replicas-to-write`), a replica cut off from its primary, a node still loading
 /// its data. Each replaces the connection.
-const NOT_HERE: &[&str] = &["READONLY", "NOREPLICAS", "MASTERDOWN", "LOADING"];
+/// Each with its `reason` label.
+const NOT_HERE: &[(&str, &str)] = &[
+    ("READONLY", "readonly"),
+    ("NOREPLICAS", "noreplicas"),
+    ("MASTERDOWN", "masterdown"),
+    ("LOADING", "loading"),
+];
 
-/// Why a connection was replaced: `timeout`, `not_primary` (readiness found a replica), or a
-/// [`NOT_HERE`] code in lower case.
+/// Why a connection was replaced: `timeout`, `not_primary` (readiness found a replica), or the
+/// reason of a [`NOT_HERE`] reply.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReplacedLabels {
     reason: &'static str,
@@ -59,14 +65,11 @@ pub struct StoreCounters {
 
 impl StoreCounters {
     /// Every reason, so each series exists from the start, at zero.
-    pub const REASONS: &[&str] = &[
-        "timeout",
-        "not_primary",
-        "readonly",
-        "noreplicas",
-        "masterdown",
-        "loading",
-    ];
+    pub fn reasons() -> impl Iterator<Item = &'static str> {
+        ["timeout", "not_primary"]
+            .into_iter()
+            .chain(NOT_HERE.iter().map(|(_, reason)| *reason))
+    }
 
     pub fn replaced(&self, reason: &'static str) -> Counter {
         self.replaced
@@ -318,7 +321,7 @@ impl Redis {
     }
 }
 
-/// The kind of a failed command, and the [`NOT_HERE`] code among its replies (lower case), if
+/// The kind of a failed command, and the reason of a [`NOT_HERE`] reply among its replies, if
 /// any: the connection is then replaced.
 fn classify(e: RedisError) -> (StoreError, Option<&'static str>) {
     let message = e.to_string();
@@ -338,11 +341,10 @@ fn classify(e: RedisError) -> (StoreError, Option<&'static str>) {
         }
     });
     let not_here = errors.iter().find_map(|(_, error)| {
-        let code = NOT_HERE.iter().find(|code| **code == error.code())?;
-        StoreCounters::REASONS
+        NOT_HERE
             .iter()
-            .copied()
-            .find(|reason| reason.eq_ignore_ascii_case(code))
+            .find(|(code, _)| *code == error.code())
+            .map(|(_, reason)| *reason)
     });
     let kind = if corrupt {
         ErrorKind::Corrupt

@@ -52,6 +52,13 @@ fn role(redis: &RedisServer) -> Vec<String> {
         .collect()
 }
 
+/// `redis_connections_replaced_total` for `reason`.
+async fn replaced(app: &TestApp, reason: &str) -> f64 {
+    let metrics = app.get("/metrics").await.body();
+    let series = format!("redis_connections_replaced_total{{reason=\"{reason}\"}}");
+    http::metric(&metrics, &series).unwrap_or_else(|| panic!("no {series}"))
+}
+
 /// B promoted, A demoted to its replica: what Sentinel does.
 fn fail_over(a: &RedisServer, b: &RedisServer) {
     b.run(&["REPLICAOF", "NO", "ONE"]);
@@ -92,6 +99,11 @@ async fn after_a_failover_behind_the_same_address_page_views_follow_within_a_sec
     assert_eq!(number, Some(4), "the count continues from what B holds");
     assert_eq!(b.hits(), Some(4));
     assert_eq!(role(&a)[0], "slave");
+    assert_eq!(
+        replaced(&app, "readonly").await,
+        1.0,
+        "one swap, for READONLY"
+    );
 }
 
 #[tokio::test]
@@ -128,6 +140,10 @@ async fn a_quiet_failover_turns_readiness_off_then_on_by_itself_and_the_next_pag
     );
     assert_eq!(page.status, 200, "ready, but the next page view failed");
     assert_eq!(page.hits(), 4);
+    assert!(
+        replaced(&app, "not_primary").await >= 1.0,
+        "no swap for a replica"
+    );
 }
 
 #[tokio::test]
