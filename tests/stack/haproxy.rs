@@ -365,6 +365,51 @@ async fn a_redis_restart_under_load_gives_fast_503s_then_every_replica_recovers(
     }
 }
 
+/// Redis stalls (a slow fsync, a starved machine) shorter than `REDIS_TIMEOUT_MS` (0.5 s):
+/// every page view and readiness check in them waits, and answers in time. The proxy must wait
+/// for the readiness answer too: were its check to give up first, every replica would leave the
+/// rotation at once and the proxy would answer 503 itself.
+#[tokio::test]
+#[ignore = "needs HAProxy: HIT_COUNTER_TIERS=haproxy (scripts/test)"]
+async fn redis_stalls_shorter_than_the_redis_timeout_cost_latency_not_errors() {
+    tier("haproxy");
+    let fleet = Fleet::start().await;
+    let mut stalls = Vec::new();
+
+    // Four stalls of 0.35 s, half a second apart: each replica's checks (every 250 ms) meet
+    // several of them.
+    let seen = under_load(fleet.proxy.port, BURST, Duration::from_secs(30), async {
+        for _ in 0..4 {
+            let asleep = fleet.redis.asleep_for(0.35).await;
+            stalls.push(Instant::now());
+            tokio::task::spawn_blocking(move || asleep.join().unwrap())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(500)).await; // between stalls, not an event
+        }
+    })
+    .await;
+
+    let t = Tally::of(&seen);
+    t.print("redis stalls", fleet.hits());
+    let waited = seen
+        .iter()
+        .filter(|s| stalls.iter().any(|at| s.spans(*at)) && s.latency >= Duration::from_millis(200))
+        .count();
+    println!(
+        "requests that waited out a stall (200 ms or more): {waited}; slowest {:.1?}",
+        t.max_latency
+    );
+    assert!(waited > 0, "no request met a stall");
+    assert_eq!(t.ok, t.requests, "requests failed");
+    let master_log = fleet.proxy.master_log();
+    assert!(
+        !master_log.contains(" is DOWN"),
+        "a replica left the rotation:\n{master_log}"
+    );
+    assert_eq!(fleet.hits(), t.ok as i64, "conservation");
+}
+
 /// A DNS server that answers every A query with 127.0.0.1 (and every other query with no
 /// record). Counts the A queries.
 fn fake_dns() -> (u16, Arc<AtomicUsize>) {
