@@ -21,8 +21,9 @@ const REPLICAS: usize = 3;
 /// killed run left behind can be found, and nothing else is ever touched.
 const LABEL: &str = "org.hit-counter.test=compose";
 
-/// Labels the stack's containers, network, volume and image (a compose file added to the
-/// project's), and publishes the proxy on `port` of 127.0.0.1 only.
+/// Labels the stack's containers, network, volumes and image (a compose file added to the
+/// project's), and publishes the proxy on `port` of 127.0.0.1 only, Prometheus and
+/// Alertmanager (profile monitoring) on free ports of 127.0.0.1.
 fn test_overrides(port: u16) -> String {
     let (key, value) = LABEL.split_once('=').unwrap();
     let label = format!("labels:\n      {key}: \"{value}\"");
@@ -39,11 +40,23 @@ fn test_overrides(port: u16) -> String {
     {label}
     ports: !override
       - \"127.0.0.1:{port}:5000\"
+  prometheus:
+    {label}
+    ports: !override
+      - \"127.0.0.1::9090\"
+  alertmanager:
+    {label}
+    ports: !override
+      - \"127.0.0.1::9093\"
+  redis-exporter:
+    {label}
 networks:
   default:
     {label}
 volumes:
   redis-data:
+    {label}
+  prometheus-data:
     {label}
 "
     )
@@ -106,6 +119,11 @@ struct Stack {
 impl Stack {
     /// `up -d --build --scale web=N --wait` on a project named after the scenario.
     async fn up(scenario: &str, replicas: usize) -> Self {
+        Self::up_with(scenario, replicas, &[]).await
+    }
+
+    /// The same, with more compose files (after the test's own) and options of `up`.
+    async fn up_with(scenario: &str, replicas: usize, more: &[&str]) -> Self {
         static LEFTOVERS: tokio::sync::OnceCell<usize> = tokio::sync::OnceCell::const_new();
         let removed = *LEFTOVERS.get_or_init(remove_leftovers).await;
         if removed > 0 {
@@ -120,6 +138,7 @@ impl Stack {
         compose.extend(["-p", &project, "-f", "docker-compose.yml", "-f"].map(str::to_owned));
         compose.push("deploy/standin/compose.yml".to_owned());
         compose.extend(["-f".to_owned(), published.display().to_string()]);
+        compose.extend(more.iter().map(|s| s.to_string()));
         let stack = Self {
             project,
             port,
@@ -627,5 +646,331 @@ async fn leftovers_of_a_killed_run_are_removed_and_nothing_unlabelled_is_touched
     assert!(
         networks.lines().any(|n| n == unlabelled),
         "an unlabelled network was removed"
+    );
+}
+
+/// One notification Alertmanager posted to [`AlertSink`]: when it came, and each alert in it
+/// as (alertname, "firing" or "resolved").
+#[derive(Debug)]
+struct Notification {
+    at: Instant,
+    alerts: Vec<(String, String)>,
+}
+
+/// The test's own webhook receiver: an HTTP listener on the host's address that `host-gateway`
+/// names inside a container (docker0's), recording every notification. A body it cannot
+/// read is recorded as an error, which fails the test.
+struct AlertSink {
+    address: String,
+    port: u16,
+    received: std::sync::Arc<std::sync::Mutex<Vec<Result<Notification, String>>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AlertSink {
+    async fn start() -> Self {
+        // What `host-gateway` is, asked of the engine (the default bridge's IPAM may not say).
+        let args = [
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--add-host",
+            "alert-sink:host-gateway",
+        ];
+        let image = "hit-counter-standin/debian:bookworm-slim";
+        let hosts = docker(&[&args[..], &[image, "getent", "hosts", "alert-sink"]].concat()).await;
+        let address = hosts
+            .split_whitespace()
+            .next()
+            .expect("an address")
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind((address.as_str(), 0))
+            .await
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = received.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let record = record.clone();
+                tokio::spawn(async move {
+                    let notification = Self::read(&mut stream).await;
+                    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+                    let _ = tokio::io::AsyncWriteExt::write_all(&mut stream, ok).await;
+                    record.lock().unwrap().push(notification);
+                });
+            }
+        });
+        Self {
+            address,
+            port,
+            received,
+            task,
+        }
+    }
+
+    /// One POST: its head, then `Content-Length` bytes of Alertmanager's webhook JSON.
+    async fn read(stream: &mut tokio::net::TcpStream) -> Result<Notification, String> {
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 8192];
+        let body = loop {
+            let n = tokio::time::timeout(Duration::from_secs(5), async {
+                tokio::io::AsyncReadExt::read(stream, &mut buf).await
+            })
+            .await
+            .map_err(|_| {
+                format!(
+                    "no complete request within 5 s: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                )
+            })?
+            .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err(format!(
+                    "closed early: {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ));
+            }
+            bytes.extend_from_slice(&buf[..n]);
+            let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+                continue;
+            };
+            let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|n| n.trim().parse().ok())
+                .ok_or_else(|| format!("no Content-Length: {head}"))?;
+            if bytes.len() >= end + 4 + length {
+                break String::from_utf8_lossy(&bytes[end + 4..end + 4 + length]).into_owned();
+            }
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&body).map_err(|e| format!("{e}: {body}"))?;
+        let alerts = json["alerts"].as_array().ok_or("no alerts")?;
+        let alerts = alerts
+            .iter()
+            .map(
+                |a| match (a["labels"]["alertname"].as_str(), a["status"].as_str()) {
+                    (Some(name), Some(status)) => Ok((name.to_owned(), status.to_owned())),
+                    _ => Err(format!("an alert without alertname or status: {a}")),
+                },
+            )
+            .collect::<Result<_, _>>()?;
+        Ok(Notification {
+            at: Instant::now(),
+            alerts,
+        })
+    }
+
+    /// When the first notification since `since` that says `alert` is `status` came, if one
+    /// has.
+    fn first(&self, alert: &str, status: &str, since: Instant) -> Option<Instant> {
+        let received = self.received.lock().unwrap();
+        let errors: Vec<&String> = received.iter().filter_map(|r| r.as_ref().err()).collect();
+        assert!(errors.is_empty(), "unreadable notifications: {errors:?}");
+        received
+            .iter()
+            .flatten()
+            .find(|n| n.at >= since && n.alerts.iter().any(|(a, s)| a == alert && s == status))
+            .map(|n| n.at)
+    }
+}
+
+impl Drop for AlertSink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The compose file that makes the monitoring stack send its notifications to `sink`: the
+/// name alert-sink points at the docker0 gateway, and alertmanager.yml's URL at the sink's
+/// port (Alertmanager reads no variables; the file is otherwise the repository's).
+fn alert_sink_override(dir: &Path, sink: &AlertSink) -> std::path::PathBuf {
+    let shipped =
+        std::fs::read_to_string(repository().join("deploy/prometheus/alertmanager.yml")).unwrap();
+    let url = "url: http://alert-sink:9095/";
+    assert!(shipped.contains(url), "alertmanager.yml posts elsewhere");
+    let config = dir.join("alertmanager.yml");
+    let ours = shipped.replace(url, &format!("url: http://alert-sink:{}/", sink.port));
+    std::fs::write(&config, ours).unwrap();
+    let file = dir.join("alert-sink.yml");
+    let yaml = format!(
+        "services:
+  alertmanager:
+    extra_hosts: [\"alert-sink:{}\"]
+    volumes: !override
+      - \"{}:/etc/alertmanager/alertmanager.yml:ro\"
+",
+        sink.address,
+        config.display()
+    );
+    std::fs::write(&file, yaml).unwrap();
+    file
+}
+
+/// `GET path` of a server on 127.0.0.1:`port`, as JSON. HTTP/1.0: the answer is not chunked.
+async fn json(port: u16, path: &str) -> serde_json::Value {
+    let raw = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let response = http::send(port, raw.as_bytes()).await.unwrap();
+    assert_eq!(response.status, 200, "{path}: {}", response.body());
+    serde_json::from_str(&response.body()).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+impl Stack {
+    /// The loopback port compose published for `service`'s `port`.
+    async fn published(&self, service: &str, port: &str) -> u16 {
+        let out = self.ok(&["port", service, port]).await;
+        let (_, port) = out.rsplit_once(':').expect("host:port");
+        port.parse().expect("a port number")
+    }
+
+    /// The web replicas' addresses on the stack's network.
+    async fn web_addresses(&self) -> BTreeSet<String> {
+        let mut addresses = BTreeSet::new();
+        for id in self.ids("web").await {
+            let format = "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}";
+            addresses.insert(inspect(&id, format).await);
+        }
+        addresses
+    }
+}
+
+/// Prometheus' active targets of `job` that are up, by address, and how many there are in all.
+async fn targets_up(prometheus: u16, job: &str) -> (BTreeSet<String>, usize) {
+    let targets = json(prometheus, "/api/v1/targets?state=active").await;
+    let all: Vec<&serde_json::Value> = targets["data"]["activeTargets"]
+        .as_array()
+        .expect("activeTargets")
+        .iter()
+        .filter(|t| t["labels"]["job"] == job)
+        .collect();
+    let up = all
+        .iter()
+        .filter(|t| t["health"] == "up")
+        .map(|t| {
+            let instance = t["labels"]["instance"].as_str().expect("an instance");
+            instance
+                .rsplit_once(':')
+                .expect("address:port")
+                .0
+                .to_owned()
+        })
+        .collect();
+    (up, all.len())
+}
+
+/// The monitoring profile end to end: Prometheus scrapes each web replica as the stack scales
+/// 3 -> 5 -> 2, and the proxy and Redis; Redis stopped under load makes RedisUnavailable and
+/// the burn-rate page fire and reach the test's webhook; Redis back resolves RedisUnavailable.
+#[tokio::test]
+#[ignore = "starts containers: HIT_COUNTER_TIERS=compose (scripts/test)"]
+async fn monitoring_follows_the_replicas_and_pages_on_a_redis_outage() {
+    tier("compose");
+    let sink = AlertSink::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sink_file = alert_sink_override(dir.path(), &sink).display().to_string();
+    let more = ["-f", &sink_file, "--profile", "monitoring"];
+    let stack = Stack::up_with("monitoring", REPLICAS, &more).await;
+    let prometheus = stack.published("prometheus", "9090").await;
+    let alertmanager = stack.published("alertmanager", "9093").await;
+
+    // Every replica scraped, each by its own address, and nothing else in the job.
+    let mut followed = Vec::new();
+    for n in [REPLICAS, 5, 2] {
+        let started = Instant::now();
+        if n != REPLICAS {
+            stack.scale(n).await;
+        }
+        let addresses = stack.web_addresses().await;
+        assert_eq!(addresses.len(), n);
+        let mut seen = (BTreeSet::new(), 0);
+        let all_up = eventually(Duration::from_secs(60), async || {
+            seen = targets_up(prometheus, "web").await;
+            seen == (addresses.clone(), n)
+        })
+        .await;
+        assert!(
+            all_up.is_some(),
+            "at {n} replicas Prometheus scrapes {seen:?}, not {addresses:?}"
+        );
+        followed.push((n, started.elapsed()));
+    }
+    for job in ["haproxy", "redis"] {
+        let up = eventually(Duration::from_secs(30), async || {
+            targets_up(prometheus, job).await.0.len() == 1
+        })
+        .await;
+        assert!(up.is_some(), "the {job} target is not up");
+    }
+
+    // Load through the proxy: 2 keep-alive clients, 20 page views a second each.
+    let shape = crate::common::load::Shape {
+        clients: 2,
+        keep_alive: true,
+        pace: Some(Duration::from_millis(50)),
+    };
+    let load = Load::start(stack.port, shape, usize::MAX, Duration::from_secs(400));
+    load.ends(400).await;
+    // Quiet before the outage: neither page pending nor firing.
+    let pages = ["RedisUnavailable", "PageViewErrorBudgetBurn"];
+    let before = json(prometheus, "/api/v1/alerts").await;
+    let active: Vec<&str> = before["data"]["alerts"]
+        .as_array()
+        .expect("alerts")
+        .iter()
+        .filter_map(|a| a["labels"]["alertname"].as_str())
+        .collect();
+    assert!(
+        !active.iter().any(|a| pages.contains(a)),
+        "a page was active before Redis stopped: {active:?}"
+    );
+    stack.ok(&["stop", "redis"]).await;
+    let stopped = Instant::now();
+    let fired = eventually(Duration::from_secs(150), async || {
+        pages
+            .iter()
+            .all(|a| sink.first(a, "firing", stopped).is_some())
+    })
+    .await;
+    let alerts_now = json(alertmanager, "/api/v2/alerts").await;
+    assert!(
+        fired.is_some(),
+        "not every page reached the webhook within 150 s; Alertmanager has: {alerts_now}"
+    );
+    stack.ok(&["start", "redis"]).await;
+    let started = Instant::now();
+    let resolved = eventually(Duration::from_secs(90), async || {
+        sink.first("RedisUnavailable", "resolved", started)
+            .is_some()
+    })
+    .await;
+    load.ends(400).await;
+    let seen = load.stop().await;
+
+    let t = Tally::of(&seen);
+    let after = |at: Option<Instant>, from: Instant| at.map(|at| at.duration_since(from));
+    t.print("monitoring", stack.hits().await);
+    println!(
+        "Prometheus scraped every replica, and only those, within {followed:.1?} of each step"
+    );
+    for alert in pages {
+        println!(
+            "{alert}: webhook firing {:.1?} after `stop redis`, resolved {:.1?} after `start redis`",
+            after(sink.first(alert, "firing", stopped), stopped),
+            after(sink.first(alert, "resolved", started), started),
+        );
+    }
+    assert!(
+        t.unavailable > 0 && t.ok > 0,
+        "the load saw no outage: {} 200s, {} 503s",
+        t.ok,
+        t.unavailable
+    );
+    assert!(
+        resolved.is_some(),
+        "RedisUnavailable was not resolved within 90 s of Redis' start; Alertmanager has: {}",
+        json(alertmanager, "/api/v2/alerts").await
     );
 }
