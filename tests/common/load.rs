@@ -176,6 +176,46 @@ pub async fn under_load(
     load.stop().await
 }
 
+/// One fault of the backing service: when it began, how long after that page views may fail
+/// (`bound`), when the failed node was back (restarted, thawed, healed) and when the cluster
+/// was whole again (the old primary a replica in sync).
+pub struct Timeline {
+    pub began: Instant,
+    pub bound: Duration,
+    pub back: Instant,
+    pub whole: Instant,
+}
+
+/// Every failed request was sent within its fault's bound, or while the old primary rejoined
+/// (between `back` and a second after `whole`: Sentinel demotes it, and it syncs from the new
+/// primary). Returns, per fault, how long after it began the last failure within its bound was
+/// sent (its failure window), and how many failures came while the old primary rejoined.
+pub fn assert_failures_bounded(timelines: &[Timeline], seen: &[Seen]) -> Vec<(Duration, usize)> {
+    let mut windows = vec![(Duration::ZERO, 0); timelines.len()];
+    // Failures outside both: (fault, second after it began, status): count.
+    let mut late = std::collections::BTreeMap::<(usize, u64, u16), usize>::new();
+    for s in seen.iter().filter(|s| s.status != 200) {
+        let Some((i, t)) = timelines.iter().enumerate().rfind(|(_, t)| t.began <= s.at) else {
+            *late.entry((usize::MAX, 0, s.status)).or_default() += 1;
+            continue;
+        };
+        let after = s.at - t.began;
+        if after < t.bound {
+            windows[i].0 = windows[i].0.max(after);
+        } else if t.back <= s.at && s.at <= t.whole + Duration::from_secs(1) {
+            windows[i].1 += 1;
+        } else {
+            *late.entry((i, after.as_secs(), s.status)).or_default() += 1;
+        }
+    }
+    assert!(
+        late.is_empty(),
+        "failures past their fault's bound ((fault, second after it began, status): count; fault {} is before the first): {late:?}",
+        usize::MAX
+    );
+    windows
+}
+
 /// The checks of a run in which the count must survive whatever happened to Redis, over
 /// every request: no number shown twice ([`Tally::of`]); a page view that ended before
 /// another began shows a smaller number (real-time order); Redis' final `count` is at least

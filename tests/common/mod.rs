@@ -55,6 +55,26 @@ pub async fn eventually(
     }
 }
 
+/// What `probe` returns once it has not changed for `quiet` (a count or a log that stops
+/// moving), if that comes within `within` more.
+pub async fn settled<T: PartialEq>(
+    quiet: Duration,
+    within: Duration,
+    mut probe: impl AsyncFnMut() -> T,
+) -> Option<T> {
+    let mut last = probe().await;
+    let mut since = Instant::now();
+    eventually(within, async || {
+        let now = probe().await;
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+        since.elapsed() >= quiet
+    })
+    .await?;
+    Some(last)
+}
+
 /// Is something accepting connections on 127.0.0.1:`port`?
 pub async fn accepts(port: u16) -> bool {
     tokio::net::TcpStream::connect(("127.0.0.1", port))

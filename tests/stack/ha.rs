@@ -21,7 +21,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::docker::stdout;
-use crate::common::load::{Load, Seen, Shape, assert_linearizable};
+use crate::common::load::{Load, Shape, Timeline, assert_failures_bounded, assert_linearizable};
 use crate::common::{ServiceProcess, dies_with_test, eventually, free_port, http, tier};
 
 /// Two replicas of the service, four clients each.
@@ -136,48 +136,6 @@ impl Drop for Ha {
     }
 }
 
-/// One fault's timeline: when it began; when the failed node was back (restarted, thawed,
-/// healed); when the cluster was whole again (the old primary a replica in sync).
-struct Timeline {
-    fault: Fault,
-    began: Instant,
-    back: Instant,
-    whole: Instant,
-}
-
-/// Every failed request was sent within its fault's bound, or while the old primary rejoined
-/// (between `back` and a second after `whole`: Sentinel demotes it, and it syncs from the new
-/// primary). Returns, per fault, how long after it began the last failure within its bound was
-/// sent (its failure window), and how many failures came while the old primary rejoined.
-fn assert_failures_bounded(timelines: &[Timeline], seen: &[Seen]) -> Vec<(Fault, Duration, usize)> {
-    let mut windows: Vec<(Fault, Duration, usize)> = timelines
-        .iter()
-        .map(|t| (t.fault, Duration::ZERO, 0))
-        .collect();
-    // Failures outside both: (fault, second after it began, status): count.
-    let mut late = BTreeMap::<(usize, u64, u16), usize>::new();
-    for s in seen.iter().filter(|s| s.status != 200) {
-        let Some((i, t)) = timelines.iter().enumerate().rfind(|(_, t)| t.began <= s.at) else {
-            *late.entry((usize::MAX, 0, s.status)).or_default() += 1;
-            continue;
-        };
-        let after = s.at - t.began;
-        if after < t.fault.bound() {
-            windows[i].1 = windows[i].1.max(after);
-        } else if t.back <= s.at && s.at <= t.whole + Duration::from_secs(1) {
-            windows[i].2 += 1;
-        } else {
-            *late.entry((i, after.as_secs(), s.status)).or_default() += 1;
-        }
-    }
-    assert!(
-        late.is_empty(),
-        "failures past their fault's bound ((fault, second after it began, status): count; fault {} is before the first): {late:?}",
-        usize::MAX
-    );
-    windows
-}
-
 #[tokio::test]
 #[ignore = "needs redis-sentinel, HAProxy and root (iptables): HIT_COUNTER_TIERS=ha (scripts/test)"]
 async fn failovers_lose_no_number_shown_and_never_show_one_twice_or_out_of_order() {
@@ -249,8 +207,8 @@ async fn failovers_lose_no_number_shown_and_never_show_one_twice_or_out_of_order
         failovers.push((fault, failover));
         let back = Instant::now();
         timelines.push(Timeline {
-            fault,
             began,
+            bound: fault.bound(),
             back,
             whole: back,
         });
@@ -283,10 +241,10 @@ async fn failovers_lose_no_number_shown_and_never_show_one_twice_or_out_of_order
     let windows = assert_failures_bounded(&timelines, &seen);
     let slowest = seen.iter().map(|s| s.latency).max().unwrap_or_default();
     let mut by_fault: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
-    for (fault, window, _) in &windows {
+    for ((fault, _), (window, _)) in failovers.iter().zip(&windows) {
         by_fault.entry(*fault).or_default().push(*window);
     }
-    let rejoining: Vec<usize> = windows.iter().map(|(_, _, n)| *n).collect();
+    let rejoining: Vec<usize> = windows.iter().map(|(_, n)| *n).collect();
     println!("failures while the old primary rejoined, per fault: {rejoining:?}");
     println!(
         "{} requests, {} 200s, {} failed, the slowest {slowest:.2?}; count {final_count}, highest shown {:?}",
