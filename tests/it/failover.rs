@@ -7,9 +7,9 @@
 use std::time::{Duration, Instant};
 
 use crate::common::relay::Relay;
+use crate::common::{RedisServer, TestApp, eventually, http, signal, spawn_app_with, test_config};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-use crate::common::{RedisServer, TestApp, eventually, http, signal, spawn_app_with, test_config};
 
 /// Two Redis servers, A the primary and B its replica, caught up, and the service reaching A
 /// through a relay, having counted to 3.

@@ -385,7 +385,7 @@ async fn redis_stalls_shorter_than_the_redis_timeout_cost_latency_not_errors() {
             tokio::task::spawn_blocking(move || asleep.join().unwrap())
                 .await
                 .unwrap();
-            tokio::time::sleep(Duration::from_millis(500)).await; // between stalls, not an event
+            tokio::time::sleep(Duration::from_millis(500)).await; // paces the faults: not an event
         }
     })
     .await;
