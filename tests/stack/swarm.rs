@@ -320,37 +320,7 @@ impl Swarm {
         }
         panic!("could not get one replica on each node");
     }
-}
 
-impl Drop for Swarm {
-    fn drop(&mut self) {
-        let started = Instant::now();
-        self.down();
-        println!("scripts/swarm down: {:.1?}", started.elapsed());
-    }
-}
-
-/// A scenario's result, for the summary at the end.
-struct Row {
-    scenario: &'static str,
-    tally: Tally,
-    count: i64,
-    took: Duration,
-}
-
-impl Row {
-    fn new(scenario: &'static str, tally: Tally, count: i64, started: Instant) -> Self {
-        tally.print(scenario, count);
-        Self {
-            scenario,
-            tally,
-            count,
-            took: started.elapsed(),
-        }
-    }
-}
-
-impl Swarm {
     /// No failed request, every number shown once and from this scenario's range, and Redis
     /// counted the 200s, plus at most the requests the proxy's log shows it sent again in the
     /// scenario (`retried` is its count before: a request whose connection to a replica closed
@@ -385,6 +355,34 @@ impl Swarm {
             t.numbers.iter().all(|n| range.contains(n)),
             "a number outside the scenario's range"
         );
+    }
+}
+
+impl Drop for Swarm {
+    fn drop(&mut self) {
+        let started = Instant::now();
+        self.down();
+        println!("scripts/swarm down: {:.1?}", started.elapsed());
+    }
+}
+
+/// A scenario's result, for the summary at the end.
+struct Row {
+    scenario: &'static str,
+    tally: Tally,
+    count: i64,
+    took: Duration,
+}
+
+impl Row {
+    fn new(scenario: &'static str, tally: Tally, count: i64, started: Instant) -> Self {
+        tally.print(scenario, count);
+        Self {
+            scenario,
+            tally,
+            count,
+            took: started.elapsed(),
+        }
     }
 }
 
