@@ -188,9 +188,15 @@ pub struct Timeline {
 
 /// Every failed request was sent within its fault's bound, or while the old primary rejoined
 /// (between `back` and a second after `whole`: Sentinel demotes it, and it syncs from the new
-/// primary). Returns, per fault, how long after it began the last failure within its bound was
-/// sent (its failure window), and how many failures came while the old primary rejoined.
-pub fn assert_failures_bounded(timelines: &[Timeline], seen: &[Seen]) -> Vec<(Duration, usize)> {
+/// primary), and there at most `clients` per fault: one stall's worth, each client's request
+/// in flight at that moment, not an outage. Returns, per fault, how long after it began the
+/// last failure within its bound was sent (its failure window), and how many failures came
+/// while the old primary rejoined.
+pub fn assert_failures_bounded(
+    timelines: &[Timeline],
+    seen: &[Seen],
+    clients: usize,
+) -> Vec<(Duration, usize)> {
     let mut windows = vec![(Duration::ZERO, 0); timelines.len()];
     // Failures outside both: (fault, second after it began, status): count.
     let mut late = std::collections::BTreeMap::<(usize, u64, u16), usize>::new();
@@ -212,6 +218,11 @@ pub fn assert_failures_bounded(timelines: &[Timeline], seen: &[Seen]) -> Vec<(Du
         late.is_empty(),
         "failures past their fault's bound ((fault, second after it began, status): count; fault {} is before the first): {late:?}",
         usize::MAX
+    );
+    let rejoining: Vec<usize> = windows.iter().map(|(_, n)| *n).collect();
+    assert!(
+        rejoining.iter().all(|n| *n <= clients),
+        "more failures than {clients} clients while an old primary rejoined (per fault): {rejoining:?}"
     );
     windows
 }
@@ -369,4 +380,35 @@ impl Tally {
             self.requests, self.ok, self.unavailable, self.other, self.max_latency, count
         );
     }
+}
+
+#[test]
+fn failures_are_bounded_by_the_fault_and_by_one_stall_while_the_old_primary_rejoins() {
+    let t0 = Instant::now();
+    let s = |secs: u64| t0 + Duration::from_secs(secs);
+    let timeline = [Timeline {
+        began: s(0),
+        bound: Duration::from_secs(10),
+        back: s(12),
+        whole: s(20),
+    }];
+    let failed = |at: Instant| Seen {
+        at,
+        status: 503,
+        hits: None,
+        latency: Duration::ZERO,
+        retry_after: true,
+    };
+    let check = |seen: Vec<Seen>| {
+        std::panic::catch_unwind(|| assert_failures_bounded(&timeline, &seen, 2)).ok()
+    };
+    let within = vec![failed(s(3)), failed(s(14)), failed(s(15))];
+    assert_eq!(check(within), Some(vec![(Duration::from_secs(3), 2)]));
+    assert_eq!(check(vec![failed(s(14)); 3]), None, "three while rejoining");
+    assert_eq!(
+        check(vec![failed(s(11))]),
+        None,
+        "past the bound, before it was back"
+    );
+    assert_eq!(check(vec![failed(s(22))]), None, "after it was whole again");
 }

@@ -238,7 +238,7 @@ async fn failovers_lose_no_number_shown_and_never_show_one_twice_or_out_of_order
     }
     println!("failures, as the replicas logged them: {reasons:#?}");
     let tally = assert_linearizable(&seen, final_count);
-    let windows = assert_failures_bounded(&timelines, &seen);
+    let windows = assert_failures_bounded(&timelines, &seen, SHAPE.clients * replicas.len());
     let slowest = seen.iter().map(|s| s.latency).max().unwrap_or_default();
     let mut by_fault: BTreeMap<Fault, Vec<Duration>> = BTreeMap::new();
     for ((fault, _), (window, _)) in failovers.iter().zip(&windows) {

@@ -923,7 +923,7 @@ async fn primary_fault(
         back: ended,
         whole,
     };
-    let (window, rejoining) = assert_failures_bounded(&[timeline], &sent)[0];
+    let (window, rejoining) = assert_failures_bounded(&[timeline], &sent, STEADY.clients)[0];
     println!(
         "primary on node {k}; a new one named {failed_over:.1?} after the fault began, which ended {:.1?} after; whole again {:.1?} after; {} failed (statuses {:?}), the last within the bound sent {window:.2?} after the fault began, {rejoining} while the old primary rejoined",
         ended - began,
