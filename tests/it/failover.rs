@@ -188,6 +188,26 @@ async fn with_wait_replicas_a_replica_that_stops_acknowledging_gives_503s_and_no
 }
 
 #[tokio::test]
+async fn with_wait_replicas_a_replica_slow_to_acknowledge_is_waited_for() {
+    let (_a, b, _relay, app) = a_primary_and_its_replica(1).await;
+
+    // B busy for 0.3 s: its acknowledgement comes late, but within WAIT's 1 s.
+    let sleeping = b.asleep_for(0.3).await;
+    let page = app.get("/").await;
+    tokio::task::spawn_blocking(move || sleeping.join().unwrap())
+        .await
+        .unwrap();
+
+    // A WAIT that gave up at once would refuse this page view.
+    assert_eq!(
+        page.status, 200,
+        "a late acknowledgement was not waited for"
+    );
+    assert_eq!(page.hits(), 4);
+    assert_eq!(b.hits(), Some(4));
+}
+
+#[tokio::test]
 async fn with_wait_replicas_a_primary_without_replicas_is_not_ready() {
     let redis = RedisServer::start().await;
     let mut config = test_config(redis.port);

@@ -31,6 +31,8 @@ async fn metrics_export_every_family_and_scraping_counts_nothing() {
         ("http_connections_open", "gauge"),
         ("http_connections_rejected", "counter"),
         ("hit_counter_build", "info"),
+        ("redis_connections_replaced", "counter"),
+        ("page_views_unreplicated", "counter"),
     ] {
         assert!(
             metrics.contains(&format!("# TYPE {name} {kind}\n")),
@@ -42,6 +44,19 @@ async fn metrics_export_every_family_and_scraping_counts_nothing() {
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(sample(&metrics, &version), Some(1.0));
+    // Every reason's series exists from the start, so a rate over it is 0, not absent.
+    for reason in [
+        "timeout",
+        "not_primary",
+        "readonly",
+        "noreplicas",
+        "masterdown",
+        "loading",
+    ] {
+        let series = format!("redis_connections_replaced_total{{reason=\"{reason}\"}}");
+        assert_eq!(sample(&metrics, &series), Some(0.0), "{series}");
+    }
+    assert_eq!(sample(&metrics, "page_views_unreplicated_total"), Some(0.0));
     assert!(metrics.ends_with("# EOF\n"));
     assert_eq!(redis.hits(), None, "scraping is not a page view");
 }
