@@ -854,12 +854,12 @@ enum PrimaryFault {
 }
 
 /// A fault of the primary Redis (on a node other than the manager, which holds the way in):
-/// the fault lasts until the Sentinels have named
-/// another primary and `hold` has passed, then ends, and the scenario waits until the cluster
-/// is whole again (the old primary a replica in sync). Checks over every request: no number
-/// shown twice, real-time order, none lost; failures only until `bound` after the fault began,
-/// or while the old primary rejoined, and of those only 503s with `Retry-After` and the 504s of
-/// requests a frozen node's web replica held.
+/// the fault lasts until the Sentinels have named another primary and `hold` has passed, then
+/// ends, and the scenario waits until the cluster is whole again (the old primary a replica in
+/// sync). Checks over every request: no number shown twice, real-time order, none lost;
+/// failures only until `bound` after the fault began, or while the old primary rejoined (at
+/// most one per client), and of those only 503s with `Retry-After` and the 504s of requests a
+/// frozen node's web replica held.
 async fn primary_fault(
     c: &Swarm,
     scenario: &'static str,
