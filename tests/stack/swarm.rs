@@ -321,6 +321,27 @@ impl Swarm {
         panic!("could not get one replica on each node");
     }
 
+    /// What the Redis proxy, the Sentinels and the Redis nodes logged (their logs are short:
+    /// state changes only), and where each stands now: why a failover went as it did.
+    async fn print_redis_logs(&self) {
+        let mut services = vec!["hit-counter_redis".to_owned()];
+        for k in 1..=NODES {
+            services.push(format!("hit-counter_sentinel-{k}"));
+            services.push(format!("hit-counter_redis-{k}"));
+        }
+        for service in services {
+            let log = self
+                .docker(&["service", "logs", "--raw", "-t", &service])
+                .await;
+            let tail: Vec<&str> = log.lines().rev().take(80).collect();
+            eprintln!(
+                "---- {service}, last lines (newest first) ----\n{}",
+                tail.join("\n")
+            );
+        }
+        eprintln!("---- now ----\n{}", self.swarm(&["redis-status"]).await);
+    }
+
     /// No failed request, every number shown once and from this scenario's range, and Redis
     /// counted the 200s, plus at most the requests the proxy's log shows it sent again in the
     /// scenario (`retried` is its count before: a request whose connection to a replica closed
@@ -886,6 +907,10 @@ async fn primary_fault(
     for j in 1..=NODES {
         peers.push(c.task_address(&format!("hit-counter_sentinel-{j}")).await);
     }
+    println!(
+        "{scenario}: redis-{k} ({}) from {peers:?}",
+        c.swarm(&["redis-status"]).await
+    );
     let before = c.hits().await;
     let (mut began, mut failed_over, mut ended, mut whole) = (None, None, None, None);
     let sent = under_load(c.port, STEADY, Duration::from_secs(300), async {
@@ -910,6 +935,14 @@ async fn primary_fault(
     .await;
     let after = c.settled_hits().await;
     let (began, ended, whole) = (began.unwrap(), ended.unwrap(), whole.unwrap());
+    let shown: Vec<i64> = sent
+        .iter()
+        .filter(|s| s.status == 200)
+        .filter_map(|s| s.hits)
+        .collect();
+    if shown.iter().collect::<BTreeSet<_>>().len() < shown.len() {
+        c.print_redis_logs().await; // before the check below fails on it
+    }
     let row = Row::new(
         scenario,
         assert_linearizable(&sent, after),
