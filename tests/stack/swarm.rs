@@ -321,23 +321,26 @@ impl Swarm {
         panic!("could not get one replica on each node");
     }
 
+    /// The last 80 lines `service` logged, newest first, to stderr: why a scenario failed.
+    async fn print_log_tail(&self, service: &str) {
+        let log = self
+            .docker(&["service", "logs", "--raw", "-t", service])
+            .await;
+        let tail: Vec<&str> = log.lines().rev().take(80).collect();
+        eprintln!(
+            "---- {service}, last lines (newest first) ----\n{}",
+            tail.join("\n")
+        );
+    }
+
     /// What the Redis proxy, the Sentinels and the Redis nodes logged (their logs are short:
     /// state changes only), and where each stands now: why a failover went as it did.
     async fn print_redis_logs(&self) {
-        let mut services = vec!["hit-counter_redis".to_owned()];
+        self.print_log_tail(REDIS).await;
         for k in 1..=NODES {
-            services.push(format!("hit-counter_sentinel-{k}"));
-            services.push(format!("hit-counter_redis-{k}"));
-        }
-        for service in services {
-            let log = self
-                .docker(&["service", "logs", "--raw", "-t", &service])
+            self.print_log_tail(&format!("hit-counter_sentinel-{k}"))
                 .await;
-            let tail: Vec<&str> = log.lines().rev().take(80).collect();
-            eprintln!(
-                "---- {service}, last lines (newest first) ----\n{}",
-                tail.join("\n")
-            );
+            self.print_log_tail(&format!("hit-counter_redis-{k}")).await;
         }
         eprintln!("---- now ----\n{}", self.swarm(&["redis-status"]).await);
     }
@@ -350,14 +353,9 @@ impl Swarm {
     /// servers going up or down: option dontlog-normal) and the replicas' warnings.
     async fn assert_nothing_lost(&self, t: &Tally, before: i64, after: i64, retried: usize) {
         if t.ok != t.requests {
-            let proxy = self.docker(&["service", "logs", "--raw", PROXY]).await;
+            self.print_log_tail(PROXY).await;
             let web = self.docker(&["service", "logs", "--raw", WEB]).await;
             let warnings = web.lines().filter(|l| !l.contains(" INFO "));
-            let tail = |log: &str| log.lines().rev().take(60).collect::<Vec<_>>().join("\n");
-            eprintln!(
-                "---- the proxy's log, last lines (newest first) ----\n{}",
-                tail(&proxy)
-            );
             eprintln!(
                 "---- the replicas' warnings ----\n{}",
                 warnings.collect::<Vec<_>>().join("\n")
