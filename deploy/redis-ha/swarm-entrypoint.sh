@@ -151,7 +151,34 @@ node() {
   exec docker-entrypoint.sh redis-server "$data/redis.conf"
 }
 
+# Sentinel 7.0 resolves the new primary's name when it switches to it, and when that fails it
+# keeps the old primary under the new configuration epoch (sentinel.c ignores the error):
+# from then on it names the old primary, and once that one answers again it makes the real
+# primary its replica, which throws away every write since the failover. Swarm's DNS fails
+# names for tens of seconds after a node comes back (SWARM.md). So a Sentinel's names come
+# from /etc/hosts, which glibc reads before DNS: the last address Swarm's DNS gave for each
+# node and Sentinel, asked again every half second; while DNS fails, the last one stays.
+cache_names() {
+  own=$(grep -v ' # redis-ha$' /etc/hosts)
+  written=""
+  while :; do
+    lines=""
+    for n in $nodes $sentinels; do
+      ip=$(timeout 1 getent -s dns ahostsv4 "$n" | awk 'NR == 1 { print $1 }') || true
+      [ -n "$ip" ] || ip=$(awk -v n="$n" '$2 == n && $3 == "#" { print $1 }' /etc/hosts)
+      [ -z "$ip" ] || lines="$lines$ip $n # redis-ha
+"
+    done
+    # In place (Docker bind-mounts the file), and only when an address changed.
+    if [ "$lines" != "$written" ]; then
+      if printf '%s\n%s' "$own" "$lines" >/etc/hosts; then written=$lines; else log "cannot write /etc/hosts"; fi
+    fi
+    sleep 0.5
+  done
+}
+
 sentinel() {
+  cache_names &
   if [ -s "$data/sentinel.conf" ]; then
     log "starting with the configuration it rewrote ($data/sentinel.conf)"
   else
