@@ -156,6 +156,20 @@ impl Swarm {
         k.filter(|_| out.status.success())
     }
 
+    /// The node Sentinel `j` names as the primary (`redis-K`), asked inside its own task (no
+    /// name to resolve).
+    async fn named_by(&self, j: usize) -> String {
+        let args = [
+            "sentinel",
+            &j.to_string(),
+            "SENTINEL",
+            "get-master-addr-by-name",
+            "hits",
+        ];
+        let answer = self.swarm(&args).await;
+        answer.lines().next().unwrap_or_default().to_owned()
+    }
+
     /// The running task of `service` (the first, if it has several).
     async fn task(&self, service: &str) -> Task {
         self.serving(service).await.pop().expect("a running task")
@@ -192,21 +206,31 @@ impl Swarm {
     /// inside its container's network namespace: exactly that container is cut off, not its
     /// node.
     async fn cut(&self, task: &Task, peers: &[String], op: &str) {
-        let (k, id) = self.container(task).await;
-        let pid = self
-            .node(k, &["docker", "inspect", "-f", "{{.State.Pid}}", &id])
-            .await;
         let rules: Vec<String> = peers
             .iter()
             .map(|p| {
                 format!("iptables {op} OUTPUT -d {p} -j DROP && iptables {op} INPUT -s {p} -j DROP")
             })
             .collect();
-        self.node(
-            k,
-            &["nsenter", "-t", &pid, "-n", "sh", "-c", &rules.join(" && ")],
-        )
-        .await;
+        self.iptables(task, &rules.join(" && ")).await;
+    }
+
+    /// Adds (`-I`) or removes (`-D`) a rule that rejects every query `task` sends to the
+    /// engine's DNS server (127.0.0.11 in each container): its names stop resolving at once,
+    /// as Swarm's own DNS does for a while after a node comes back.
+    async fn dns_down(&self, task: &Task, op: &str) {
+        let rule = format!("iptables {op} OUTPUT -d 127.0.0.11 -j REJECT");
+        self.iptables(task, &rule).await;
+    }
+
+    /// `rules` (a shell command) run in `task`'s container's network namespace.
+    async fn iptables(&self, task: &Task, rules: &str) {
+        let (k, id) = self.container(task).await;
+        let pid = self
+            .node(k, &["docker", "inspect", "-f", "{{.State.Pid}}", &id])
+            .await;
+        self.node(k, &["nsenter", "-t", &pid, "-n", "sh", "-c", rules])
+            .await;
     }
 
     /// Requests the proxy's log shows it sent more than once, since the stack started.
@@ -790,8 +814,12 @@ async fn drain(c: &Swarm) -> Row {
 /// Swarm declares it down and starts its replica elsewhere; then it comes back.
 async fn worker_lost(c: &Swarm) -> Row {
     c.spread().await;
-    // The worker holds a Redis replica and a Sentinel too: all three whole before it goes.
+    // The worker holds a Redis replica and a Sentinel too: all three whole before it goes,
+    // and its Redis node not the primary (that is the primary faults' scenario).
     c.swarm(&["redis-ready", "180"]).await;
+    if c.primary().await == Some(WORKER) {
+        c.swarm(&["failover"]).await;
+    }
     let started = Instant::now();
     let worker = node_name(WORKER);
     let before = c.hits().await;
@@ -905,26 +933,53 @@ async fn primary_fault(
     for j in 1..=NODES {
         peers.push(c.task_address(&format!("hit-counter_sentinel-{j}")).await);
     }
+    // In the cut, one Sentinel (not the one the checks ask first) cannot resolve names: the
+    // failover must not leave it naming the old primary (deploy/redis-ha/SWARM.md).
+    let deaf = c.task("hit-counter_sentinel-3").await;
     println!(
         "{scenario}: redis-{k} ({}) from {peers:?}",
         c.swarm(&["redis-status"]).await
     );
     let before = c.hits().await;
     let (mut began, mut failed_over, mut ended, mut whole) = (None, None, None, None);
+    let mut unanimous = None;
     let sent = under_load(c.port, STEADY, Duration::from_secs(300), async {
+        if let PrimaryFault::CutOff = fault {
+            // Deaf before the cut: the failover must find it so.
+            c.dns_down(&deaf, "-I").await;
+        }
         began = Some(Instant::now());
         match fault {
             PrimaryFault::NodeFrozen => drop(docker(&["pause", &node]).await),
             PrimaryFault::CutOff => c.cut(&primary, &peers, "-I").await,
         }
+        let mut new = None;
         failed_over = eventually(Duration::from_secs(60), async || {
-            c.primary().await.is_some_and(|p| p != k)
+            new = c.primary().await.filter(|p| *p != k);
+            new.is_some()
         })
         .await;
-        tokio::time::sleep(hold.saturating_sub(failed_over.unwrap_or_default())).await;
+        if let (PrimaryFault::CutOff, Some(new)) = (fault, new) {
+            // Before the old primary answers again, every Sentinel (the deaf one too) must name
+            // the new one: one left on the old primary would make the new one its replica.
+            let new = format!("redis-{new}");
+            unanimous = eventually(hold.saturating_sub(began.unwrap().elapsed()), async || {
+                let mut named = Vec::new();
+                for j in 1..=NODES {
+                    named.push(c.named_by(j).await);
+                }
+                named.iter().all(|n| *n == new)
+            })
+            .await
+            .map(|_| began.unwrap().elapsed());
+        }
+        tokio::time::sleep(hold.saturating_sub(began.unwrap().elapsed())).await;
         match fault {
             PrimaryFault::NodeFrozen => drop(docker(&["unpause", &node]).await),
-            PrimaryFault::CutOff => c.cut(&primary, &peers, "-D").await,
+            PrimaryFault::CutOff => {
+                c.cut(&primary, &peers, "-D").await;
+                c.dns_down(&deaf, "-D").await;
+            }
         }
         ended = Some(Instant::now());
         c.swarm(&["redis-ready", "180"]).await;
@@ -939,7 +994,15 @@ async fn primary_fault(
         .filter_map(|s| s.hits)
         .collect();
     if shown.iter().collect::<BTreeSet<_>>().len() < shown.len() {
+        print_repeats(&sent, began);
         c.print_redis_logs().await; // before the check below fails on it
+    }
+    if let PrimaryFault::CutOff = fault {
+        println!("all three Sentinels named the new primary {unanimous:.1?} after the cut began");
+        assert!(
+            unanimous.is_some(),
+            "a Sentinel still named the old primary when the cut ended"
+        );
     }
     let row = Row::new(
         scenario,
@@ -988,23 +1051,55 @@ async fn primary_fault(
     (row, k)
 }
 
-/// The primary's node frozen for 8 s, less than Swarm takes to declare a node down (11 to
-/// 16 s here), then thawed: the Sentinels fail over, and the old primary rejoins as a replica.
-async fn primary_node_lost(c: &Swarm) -> Row {
-    let (hold, bound) = (Duration::from_secs(8), Duration::from_secs(10));
-    primary_fault(
-        c,
-        "primary node lost",
-        PrimaryFault::NodeFrozen,
-        hold,
-        bound,
-    )
-    .await
-    .0
+/// When the numbers shown twice were sent, from `began`: a rollback shows as a range of
+/// numbers first shown before some moment and shown again after it.
+fn print_repeats(sent: &[Seen], began: Instant) {
+    let mut first: BTreeMap<i64, Instant> = BTreeMap::new();
+    let mut repeats = Vec::new();
+    for s in sent.iter().filter(|s| s.status == 200) {
+        let Some(n) = s.hits else { continue };
+        if let Some(at) = first.insert(n, s.at) {
+            repeats.push((n, at.min(s.at), at.max(s.at)));
+        }
+    }
+    let span = |times: &mut dyn Iterator<Item = Instant>| {
+        let times: Vec<f64> = times
+            .map(|t| t.saturating_duration_since(began).as_secs_f64())
+            .collect();
+        let (lo, hi) = times
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(lo, hi), t| (lo.min(*t), hi.max(*t)));
+        format!("{lo:.2}..{hi:.2} s")
+    };
+    eprintln!(
+        "{} numbers shown twice, {:?}..{:?}; first sent {}, again {} after the fault began",
+        repeats.len(),
+        repeats.iter().map(|r| r.0).min(),
+        repeats.iter().map(|r| r.0).max(),
+        span(&mut repeats.iter().map(|r| r.1)),
+        span(&mut repeats.iter().map(|r| r.2)),
+    );
+}
+
+/// The primary's node frozen for `hold`, then thawed: the Sentinels fail over, and the old
+/// primary rejoins as a replica. 8 s is less than Swarm takes to declare a node down (11 to
+/// 16 s here): the node's tasks thaw in place. 20 s is more: Swarm replaces them, and the
+/// new Redis and Sentinel tasks have new addresses.
+async fn primary_node_lost(c: &Swarm, hold: Duration) -> Row {
+    let bound = Duration::from_secs(10);
+    let scenario = if hold < Duration::from_secs(11) {
+        "primary node lost"
+    } else {
+        "primary node gone"
+    };
+    primary_fault(c, scenario, PrimaryFault::NodeFrozen, hold, bound)
+        .await
+        .0
 }
 
 /// The primary cut off for 10 s, longer than `min-replicas-max-lag` (5 s). Without `WAIT`, it
-/// would acknowledge writes that are thrown away when it rejoins.
+/// would acknowledge writes that are thrown away when it rejoins. Meanwhile one Sentinel's
+/// names do not resolve: it must follow the failover all the same.
 async fn primary_cut_off(c: &Swarm) -> (Row, usize) {
     let (hold, bound) = (Duration::from_secs(10), Duration::from_secs(15));
     primary_fault(c, "primary cut off", PrimaryFault::CutOff, hold, bound).await
@@ -1084,10 +1179,27 @@ async fn a_3_node_swarm_loses_no_count_through_scaling_updates_rollbacks_drains_
     rows.push(rolling_update(&swarm).await);
     rows.push(broken_release(&swarm).await);
     rows.push(drain(&swarm).await);
-    rows.push(worker_lost(&swarm).await);
-    rows.push(primary_node_lost(&swarm).await);
-    let (row, old_primary) = primary_cut_off(&swarm).await;
-    rows.push(row);
+    // SWARM_ROUNDS=N (a soak, not in CI): the lost worker (its Redis node and Sentinel
+    // replaced) and both primary faults N times over, the primary's node frozen 8 s in odd
+    // rounds and 20 s (its tasks replaced) in even ones.
+    let rounds: usize = std::env::var("SWARM_ROUNDS").map_or(1, |n| {
+        n.parse()
+            .ok()
+            .filter(|n| *n > 0)
+            .unwrap_or_else(|| panic!("SWARM_ROUNDS={n:?} is not a whole number above 0"))
+    });
+    let mut old_primary = 0;
+    for round in 1..=rounds {
+        if rounds > 1 {
+            println!("== round {round} of {rounds}");
+        }
+        rows.push(worker_lost(&swarm).await);
+        let hold = if round % 2 == 1 { 8 } else { 20 };
+        rows.push(primary_node_lost(&swarm, Duration::from_secs(hold)).await);
+        let row;
+        (row, old_primary) = primary_cut_off(&swarm).await;
+        rows.push(row);
+    }
     rows.push(old_primary_volume_lost(&swarm, old_primary).await);
 
     println!(
