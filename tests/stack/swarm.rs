@@ -223,6 +223,19 @@ impl Swarm {
         self.iptables(task, &rule).await;
     }
 
+    /// Whether Swarm's DNS, asked from inside `task`'s container, resolves `redis-1`.
+    async fn dns_answers(&self, task: &Task) -> bool {
+        let (k, id) = self.container(task).await;
+        let k = k.to_string();
+        let args = [
+            "node", &k, "docker", "exec", &id, "getent", "-s", "dns", "ahostsv4", "redis-1",
+        ];
+        crate::common::docker::output(self.command(&args))
+            .await
+            .status
+            .success()
+    }
+
     /// `rules` (a shell command) run in `task`'s container's network namespace.
     async fn iptables(&self, task: &Task, rules: &str) {
         let (k, id) = self.container(task).await;
@@ -936,6 +949,12 @@ async fn primary_fault(
     // In the cut, one Sentinel (not the one the checks ask first) cannot resolve names: the
     // failover must not leave it naming the old primary (deploy/redis-ha/SWARM.md).
     let deaf = c.task("hit-counter_sentinel-3").await;
+    let mut went_deaf = false;
+    if let PrimaryFault::CutOff = fault {
+        // Swarm's DNS may still lag after the last scenario: wait for it, within a bound.
+        let answers = eventually(Duration::from_secs(60), async || c.dns_answers(&deaf).await);
+        assert!(answers.await.is_some(), "sentinel-3's DNS never answered");
+    }
     println!(
         "{scenario}: redis-{k} ({}) from {peers:?}",
         c.swarm(&["redis-status"]).await
@@ -947,6 +966,7 @@ async fn primary_fault(
         if let PrimaryFault::CutOff = fault {
             // Deaf before the cut: the failover must find it so.
             c.dns_down(&deaf, "-I").await;
+            went_deaf = !c.dns_answers(&deaf).await;
         }
         began = Some(Instant::now());
         match fault {
@@ -964,15 +984,18 @@ async fn primary_fault(
             // the new one: one left on the old primary would make the new one its replica.
             let new = format!("redis-{new}");
             unanimous = eventually(hold.saturating_sub(began.unwrap().elapsed()), async || {
-                let mut named = Vec::new();
                 for j in 1..=NODES {
-                    named.push(c.named_by(j).await);
+                    if c.named_by(j).await != new {
+                        return false;
+                    }
                 }
-                named.iter().all(|n| *n == new)
+                true
             })
             .await
             .map(|_| began.unwrap().elapsed());
         }
+        // The fault's length, not a wait for an event: the cut must outlast
+        // min-replicas-max-lag, the freeze stay under Swarm's node timeout.
         tokio::time::sleep(hold.saturating_sub(began.unwrap().elapsed())).await;
         match fault {
             PrimaryFault::NodeFrozen => drop(docker(&["unpause", &node]).await),
@@ -998,6 +1021,10 @@ async fn primary_fault(
         c.print_redis_logs().await; // before the check below fails on it
     }
     if let PrimaryFault::CutOff = fault {
+        assert!(
+            went_deaf,
+            "sentinel-3's DNS still answered: the fault never happened"
+        );
         println!("all three Sentinels named the new primary {unanimous:.1?} after the cut began");
         assert!(
             unanimous.is_some(),
